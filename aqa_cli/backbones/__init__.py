@@ -1,0 +1,133 @@
+"""Frozen video backbones: one module per model family, one registry.
+
+``create_backbone("i3d")`` returns a ready :class:`Backbone`: model built,
+verified weights loaded (fetched on first use where the source allows), put on
+the device, with the feature recipe attached. ``list_backbones()`` names them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from aqa_cli.errors import AqaError, WeightsError
+from aqa_cli.recipes import Recipe
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a backbone is: its model, its weights, and the recipe its features follow."""
+
+    name: str
+    description: str
+    weights: str
+    recipe: Recipe
+    feature_dim: int
+    # Builds the model and loads a converted state dict into it.
+    build: Callable[[dict[str, torch.Tensor]], nn.Module]
+
+
+class Backbone:
+    """A loaded backbone: uint8 clips in, one feature (and the classifier's logits) per clip out."""
+
+    def __init__(self, spec: BackboneSpec, model: nn.Module, *, weights_sha256: str, class_names: list[str] | None,
+                 device: torch.device, precision: str):
+        self.spec = spec
+        self.model = model
+        self.weights_sha256 = weights_sha256
+        self.class_names = class_names
+        self.device = device
+        self.precision = precision
+        self.recipe = spec.recipe
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def identity(self) -> dict:
+        """What makes two feature files comparable, besides the recipe."""
+        return {"name": self.spec.name, "weights": self.spec.weights, "weights_sha256": self.weights_sha256,
+                "feature_dim": self.spec.feature_dim}
+
+    @torch.inference_mode()
+    def __call__(self, clips: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 [B, T, h, w, 3] → (features float32 [B, D], logits float32 [B, C] or None)."""
+        x = torch.as_tensor(clips).to(self.device, non_blocking=True)
+        x = self.recipe.normalize(x)
+        if self.precision == "fp32":
+            out = self.model(x)
+        else:
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            with torch.autocast(device_type=self.device.type, dtype=dtype):
+                out = self.model(x)
+        feats = out.features.float().cpu().numpy()
+        logits = None if out.logits is None else out.logits.float().cpu().numpy()
+        return feats, logits
+
+
+def _registry() -> dict[str, BackboneSpec]:
+    from aqa_cli.backbones import i3d
+
+    return {spec.name: spec for spec in (i3d.BACKBONE,)}
+
+
+def weights_specs() -> dict:
+    """Weights registry entries contributed by the backbone modules."""
+    from aqa_cli.backbones import i3d
+
+    return {spec.name: spec for spec in (i3d.WEIGHTS,)}
+
+
+def list_backbones() -> list[str]:
+    return sorted(_registry())
+
+
+def get_backbone_spec(name: str) -> BackboneSpec:
+    reg = _registry()
+    if name not in reg:
+        raise AqaError(f"unknown backbone {name!r}", fix=f"choose one of: {', '.join(sorted(reg))}")
+    return reg[name]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AqaError("CUDA was requested but no GPU is visible to torch", fix="use --device cpu or --device auto")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise AqaError(f"unknown device {device!r}", fix="use auto, cpu or cuda") from None
+
+
+def create_backbone(name: str, *, device: str = "auto", precision: str = "fp32", fetch: bool = True) -> Backbone:
+    """Build backbone ``name`` with its verified weights on ``device``."""
+    from aqa_cli.weights import load_weights
+
+    spec = get_backbone_spec(name)
+    if precision not in PRECISIONS:
+        raise AqaError(f"unknown precision {precision!r}", fix=f"choose one of: {', '.join(PRECISIONS)}")
+    dev = resolve_device(device)
+    if precision == "fp16" and dev.type == "cpu":
+        raise AqaError("fp16 autocast needs a GPU", fix="use --precision bf16 on the CPU, or fp32")
+    loaded = load_weights(spec.weights, fetch_missing=fetch)
+    try:
+        model = spec.build(loaded.tensors)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise WeightsError(
+            f"does not fit the {name} architecture ({' '.join(str(exc).split())[:160]})",
+            path=loaded.path,
+            fix=f"re-fetch with `aqa weights fetch {spec.weights} --force`",
+        ) from None
+    model.eval().requires_grad_(False).to(dev)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = False  # same algorithms every run: the same video gives the same features
+    classes = json.loads(loaded.metadata["classes"]) if "classes" in loaded.metadata else None
+    return Backbone(spec, model, weights_sha256=loaded.sha256, class_names=classes, device=dev, precision=precision)

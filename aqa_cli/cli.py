@@ -1,0 +1,241 @@
+"""The ``aqa`` command line: argument parsing and rendering only.
+
+Every command calls into the library (``aqa_cli.extract``, ``aqa_cli.weights``
+…) and renders what comes back with rich. Errors a user can fix arrive as
+:class:`~aqa_cli.errors.AqaError` and are printed as one line, without a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from aqa_cli import __version__
+from aqa_cli.errors import AqaError
+
+app = typer.Typer(
+    name="aqa",
+    help="Action Quality Assessment for sports video: features, scores, and the clips behind them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+weights_app = typer.Typer(help="The weights registry: list, fetch, import and verify checkpoints.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+
+out = Console()
+err = Console(stderr=True)
+
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda (auto picks the GPU when there is one).")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32 (reproduces the recipe), bf16 or fp16 (GPU).")]
+
+
+@app.command()
+def info() -> None:
+    """Versions, devices, video decoders and cached weights."""
+    import torch
+
+    from aqa_cli.video import available_decoders
+    from aqa_cli.weights import aqa_home, cached_path, is_cached, list_specs
+
+    table = Table(title=f"aqa {__version__}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("python", platform.python_version())
+    for pkg in ("torch", "torchvision", "pytorchvideo", "numpy", "typer", "rich", "pandas", "safetensors"):
+        table.add_row(pkg, _version(pkg))
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        table.add_row("devices", f"cuda ({names}), cpu ({torch.get_num_threads()} threads)")
+    else:
+        table.add_row("devices", f"cpu ({torch.get_num_threads()} threads); no CUDA device")
+    for name, version in available_decoders().items():
+        table.add_row(f"decoder {name}", version or "[red]not available[/red]")
+    table.add_row("AQA_HOME", str(aqa_home()))
+    for spec in list_specs():
+        state = f"cached ({cached_path(spec.name).stat().st_size / 2**20:.0f} MiB)" if is_cached(spec.name) else "not cached"
+        table.add_row(f"weights {spec.name}", state)
+    out.print(table)
+
+
+def _version(pkg: str) -> str:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+class _ClipRate(ProgressColumn):
+    """Clips per second over the whole run, not the jittery instantaneous rate."""
+
+    def __init__(self, start: float):
+        super().__init__()
+        self.start = start
+        self.done = 0
+
+    def render(self, task) -> Text:  # noqa: ANN001 - rich's Task
+        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+        return Text(f"{rate:5.2f} clips/s", style="cyan")
+
+
+@app.command("extract-features")
+def extract_features(
+    inputs: Annotated[list[Path], typer.Argument(help="Videos, or folders searched recursively by video extension.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for <stem>.npy and <stem>.json.")],
+    backbone: Annotated[str, typer.Option(help="Feature extractor: i3d.")] = "i3d",
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+    batch_size: Annotated[int, typer.Option(min=1, help="Clips per forward pass.")] = 4,
+    overwrite: Annotated[bool, typer.Option(help="Re-extract videos whose outputs are complete.")] = False,
+    show_pred: Annotated[bool, typer.Option("--show-pred", help="Print the Kinetics top-5 and store it.")] = False,
+    clip_len: Annotated[Optional[int], typer.Option(min=1, help="Frames per clip (recipe default: 32).")] = None,
+    stride: Annotated[Optional[int], typer.Option(min=1, help="Frames between clip starts (default: clip length).")] = None,
+    leftover: Annotated[Optional[str], typer.Option(help="trim (published: equal head/tail) or pad (repeat last frame).")] = None,
+    decoder: Annotated[str, typer.Option(help="auto (decord, else PyAV), decord or pyav.")] = "auto",
+) -> None:
+    """Extract one feature per clip for each video: DIR/<stem>.npy plus a JSON sidecar."""
+    from aqa_cli.backbones import create_backbone
+    from aqa_cli.extract import ExtractEvents, extract_to_folder
+    from aqa_cli.video import find_videos
+
+    videos = find_videos(inputs)
+    if not videos:
+        raise AqaError("no videos found in " + ", ".join(map(str, inputs)), fix="pass video files or folders holding them")
+    if leftover is not None and leftover not in ("trim", "pad"):
+        raise AqaError(f"unknown leftover policy {leftover!r}", fix="use trim or pad")
+    bb = create_backbone(backbone, device=device, precision=precision)
+    bb.recipe = bb.recipe.replace(clip_len=clip_len, stride=stride, leftover=leftover)
+    err.print(f"[bold]{bb.name}[/bold] on {bb.device} ({precision}), recipe {bb.recipe.name}: "
+              f"{bb.recipe.clip_len}-frame clips every {bb.recipe.stride} at {bb.recipe.fps or 'source'} fps")
+
+    rate = _ClipRate(time.perf_counter())
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), rate,
+                        TimeElapsedColumn(), console=err)
+
+    class Events(ExtractEvents):
+        def __init__(self) -> None:
+            self.videos = progress.add_task("videos", total=len(videos))
+            self.clips = progress.add_task("clips", total=None)
+
+        def video_started(self, video: Path) -> None:
+            progress.reset(self.clips, total=None, description=f"[dim]{video.name}[/dim]")
+
+        def video_planned(self, video: Path, clips: int) -> None:
+            progress.update(self.clips, total=clips)
+
+        def clips_done(self, n: int) -> None:
+            rate.done += n
+            progress.advance(self.clips, n)
+
+        def video_finished(self, outcome) -> None:  # noqa: ANN001
+            progress.advance(self.videos)
+            if outcome.status == "failed":
+                progress.console.print(f"[red]FAILED[/red] {outcome.error}", highlight=False)
+            for w in outcome.warnings:
+                progress.console.print(f"[yellow]warning[/yellow] {outcome.video}: {w}", highlight=False)
+
+    with progress:
+        outcomes = extract_to_folder(videos, bb, out_dir, overwrite=overwrite, batch_size=batch_size,
+                                     show_pred=show_pred, decoder=decoder, events=Events())
+
+    if show_pred:
+        for o in outcomes:
+            if o.predictions:
+                t = Table(title=f"{o.video.name}: Kinetics top-5", title_justify="left")
+                t.add_column("label")
+                t.add_column("prob", justify="right")
+                for p in o.predictions:
+                    t.add_row(p["label"], f"{p['prob']:.4f}")
+                out.print(t)
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("extracted", "skipped", "failed")}
+    out.print(f"{counts['extracted']} extracted, {counts['skipped']} skipped (already complete), "
+              f"{counts['failed']} failed → {out_dir}")
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        err.print("[red]Failures:[/red]")
+        for o in failed:
+            err.print(f"  {o.error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+@weights_app.command("list")
+def weights_list() -> None:
+    """Known checkpoints, where each comes from, its pinned sha256, and whether it is cached."""
+    from aqa_cli.weights import cached_path, is_cached, list_specs
+
+    t = Table()
+    for col in ("name", "kind", "source", "sha256 (pinned source)", "cached"):
+        t.add_column(col, overflow="fold")
+    for s in list_specs():
+        t.add_row(s.name, s.kind, s.source, s.source_sha256, str(cached_path(s.name)) if is_cached(s.name) else "no")
+    out.print(t)
+
+
+@weights_app.command("fetch")
+def weights_fetch(
+    name: Annotated[str, typer.Argument(help="Registry name, see `aqa weights list`.")],
+    force: Annotated[bool, typer.Option(help="Fetch again even when cached.")] = False,
+) -> None:
+    """Download, verify against the pinned sha256, and convert to safetensors in the cache."""
+    from aqa_cli.weights import fetch
+
+    path = fetch(name, force=force, log=lambda m: err.print(m, highlight=False))
+    out.print(f"{name}: {path}")
+
+
+@weights_app.command("import")
+def weights_import(
+    path: Annotated[Path, typer.Argument(help="The downloaded checkpoint, or the archive that holds it.")],
+    name: Annotated[str, typer.Option(help="Registry name it should become.")],
+) -> None:
+    """Import a checkpoint downloaded by hand (verified against the pinned sha256)."""
+    from aqa_cli.weights import import_file
+
+    target = import_file(name, path)
+    out.print(f"{name}: {target}")
+
+
+@weights_app.command("verify")
+def weights_verify() -> None:
+    """Re-hash every cached checkpoint against the sha256 recorded when it was converted."""
+    from aqa_cli.weights import list_specs, verify
+
+    bad = 0
+    for s in list_specs():
+        ok, detail = verify(s.name)
+        if detail == "not cached":
+            out.print(f"[dim]{s.name}: not cached[/dim]")
+        elif ok:
+            out.print(f"[green]ok[/green] {s.name} {detail}")
+        else:
+            bad += 1
+            out.print(f"[red]DAMAGED[/red] {s.name}: {detail} — run `aqa weights fetch {s.name} --force`")
+    if bad:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    try:
+        app()
+    except AqaError as exc:
+        err.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/red]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""From videos to clip features: streaming extraction, and feature files on disk.
+
+:func:`video_features` runs one video through decode → clips → backbone and
+keeps only the small per-clip outputs. Frames are decoded in order, shrunk at
+once to the recipe's input size, and dropped as soon as the last clip that
+needs them has been assembled, so memory does not grow with video length.
+Decoding runs in a prefetch thread and overlaps the backbone's forward passes.
+
+:func:`extract_to_folder` writes ``<stem>.npy`` plus a ``<stem>.json`` sidecar
+per video, skips videos whose outputs are complete, and records failures
+without stopping the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from aqa_cli import __version__
+from aqa_cli.backbones import Backbone
+from aqa_cli.clips import Clip, ClipPlan, plan_clips
+from aqa_cli.errors import AqaError, FeatureError
+from aqa_cli.fileio import remove_stale_temporaries, sha256_file, write_json, write_npy
+from aqa_cli.recipes import Recipe
+from aqa_cli.video import VideoInfo, VideoReader, open_video
+
+FEATURES_FORMAT = "aqa-features/1"
+
+
+@dataclass
+class VideoFeatures:
+    """The backbone's output for one video, with everything needed to interpret it."""
+
+    features: np.ndarray  # float32 [clips, D]
+    logits: np.ndarray | None  # float32 [clips, classes]
+    plan: ClipPlan
+    info: VideoInfo
+    recipe: Recipe
+    backbone: dict
+
+
+def iter_clip_batches(
+    reader: VideoReader, plan: ClipPlan, recipe: Recipe, batch_size: int
+) -> Iterator[tuple[list[Clip], np.ndarray]]:
+    """Yield ``(clips, uint8 [B, T, h, w, 3])`` batches, decoding each needed frame once."""
+    clips = plan.clips
+    last_use: dict[int, int] = {}
+    for clip in clips:
+        for i in clip.source_indices:
+            last_use[i] = clip.index
+    buffer: dict[int, np.ndarray] = {}
+    batch: list[Clip] = []
+    arrays: list[np.ndarray] = []
+    k = 0
+    last_decoded = -1
+    for idxs, frames in reader.iter_chunks(plan.needed_source_frames()):
+        small = recipe.transform_frames(frames)
+        del frames
+        for i, frame in zip(idxs, small):
+            buffer[i] = frame
+        last_decoded = idxs[-1]
+        while k < len(clips) and clips[k].source_indices[-1] <= last_decoded:
+            clip = clips[k]
+            arrays.append(np.stack([buffer[i] for i in clip.source_indices]))
+            batch.append(clip)
+            for i in [i for i in buffer if last_use[i] <= k]:
+                del buffer[i]
+            k += 1
+            if len(batch) == batch_size:
+                yield batch, np.stack(arrays)
+                batch, arrays = [], []
+    if batch:
+        yield batch, np.stack(arrays)
+    if k < len(clips):
+        raise AqaError(f"decoding stopped after frame {last_decoded}", path=reader.info.path,
+                       fix="the file looks truncated; re-download or re-encode it")
+
+
+_END = object()
+
+
+def prefetch(items: Iterator, depth: int = 2) -> Iterator:
+    """Run ``items`` in a background thread, ``depth`` items ahead; exceptions are re-raised here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_END)
+        except BaseException as exc:  # noqa: BLE001 - handed over to the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=work, name="aqa-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def plan_for(reader: VideoReader, recipe: Recipe) -> ClipPlan:
+    return plan_clips(
+        reader.timestamps,
+        reader.info.fps,
+        clip_len=recipe.clip_len,
+        stride=recipe.stride,
+        leftover=recipe.leftover,
+        target_fps=recipe.fps,
+        path=reader.info.path,
+    )
+
+
+def video_features(
+    video: str | Path,
+    backbone: Backbone,
+    *,
+    batch_size: int = 4,
+    decoder: str = "auto",
+    on_plan=None,
+    on_batch=None,
+) -> VideoFeatures:
+    """Decode ``video`` and run every clip through ``backbone``.
+
+    ``on_plan(plan)`` is called once the clips are known and ``on_batch(n)``
+    after each forward pass, for progress display.
+    """
+    recipe = backbone.recipe
+    with open_video(video, decoder=decoder) as reader:
+        plan = plan_for(reader, recipe)
+        if on_plan is not None:
+            on_plan(plan)
+        feats: list[np.ndarray] = []
+        logits: list[np.ndarray] = []
+        for clips, batch in prefetch(iter_clip_batches(reader, plan, recipe, batch_size)):
+            f, lg = backbone(batch)
+            feats.append(f)
+            if lg is not None:
+                logits.append(lg)
+            if on_batch is not None:
+                on_batch(len(clips))
+        features = np.concatenate(feats).astype(np.float32, copy=False)
+        if not np.isfinite(features).all():
+            raise AqaError("the backbone produced NaN or inf features", path=video,
+                           fix="retry with --precision fp32; if it persists, re-fetch the weights")
+        return VideoFeatures(
+            features=features,
+            logits=np.concatenate(logits).astype(np.float32, copy=False) if logits else None,
+            plan=plan,
+            info=reader.info,
+            recipe=recipe,
+            backbone=backbone.identity(),
+        )
+
+
+def top_predictions(logits: np.ndarray, class_names: Sequence[str] | None, k: int = 5) -> list[dict]:
+    """Video-level top-k: logits averaged over clips, then softmax."""
+    mean = logits.mean(axis=0).astype(np.float64)
+    prob = np.exp(mean - mean.max())
+    prob /= prob.sum()
+    order = np.argsort(-prob)[:k]
+    names = list(class_names) if class_names else [str(i) for i in range(len(mean))]
+    return [{"label": names[i], "index": int(i), "prob": round(float(prob[i]), 6), "logit": round(float(mean[i]), 6)}
+            for i in order]
+
+
+# ---------------------------------------------------------------------------------------------- feature files
+
+
+def output_paths(video: Path, out_dir: Path) -> tuple[Path, Path]:
+    return out_dir / f"{video.stem}.npy", out_dir / f"{video.stem}.json"
+
+
+def make_sidecar(result: VideoFeatures, video: Path, *, video_sha256: str, predictions: list[dict] | None) -> dict:
+    sidecar = {
+        "format": FEATURES_FORMAT,
+        "video": str(video),
+        "video_sha256": video_sha256,
+        "features_file": f"{video.stem}.npy",
+        "shape": list(result.features.shape),
+        "dtype": "float32",
+        "backbone": result.backbone,
+        "recipe": result.recipe.to_dict(),
+        "source": result.info.to_dict(),
+        "timeline": result.plan.to_dict(),
+        "clips": [c.to_dict() for c in result.plan.clips],
+        "aqa_version": __version__,
+    }
+    if predictions is not None:
+        sidecar["predictions"] = predictions
+    return sidecar
+
+
+def read_sidecar(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise FeatureError(f"unreadable sidecar ({type(exc).__name__})", path=path,
+                           fix="delete it, or re-extract with --overwrite") from None
+    if not isinstance(data, dict) or data.get("format") != FEATURES_FORMAT:
+        raise FeatureError("not an aqa feature sidecar", path=path, fix="re-extract with --overwrite")
+    return data
+
+
+def load_features(npy: Path, sidecar: dict | None = None) -> np.ndarray:
+    """Load a feature file (float16 or float32) as float32 [T, D], checking it against its sidecar."""
+    try:
+        arr = np.load(npy, allow_pickle=False, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise FeatureError(f"not a readable .npy file ({' '.join(str(exc).split())[:100]})", path=npy,
+                           fix="re-extract it") from None
+    if arr.ndim != 2:
+        raise FeatureError(f"features must be 2-D [clips, dim], got shape {tuple(arr.shape)}", path=npy,
+                           fix="re-extract it")
+    if sidecar is not None and list(arr.shape) != list(sidecar.get("shape", [])):
+        raise FeatureError(f"shape {tuple(arr.shape)} differs from the sidecar's {sidecar.get('shape')}", path=npy,
+                           fix="re-extract it")
+    out = np.asarray(arr, dtype=np.float32)
+    if not np.isfinite(out).all():
+        bad = int((~np.isfinite(out)).any(axis=1).sum())
+        raise FeatureError(f"{bad} clip(s) contain NaN or inf", path=npy, fix="re-extract it")
+    return out
+
+
+@dataclass
+class ExtractOutcome:
+    video: Path
+    status: str  # "extracted", "skipped" or "failed"
+    features_path: Path | None = None
+    sidecar_path: Path | None = None
+    clips: int = 0
+    error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    predictions: list[dict] | None = None
+
+
+def _is_complete(npy: Path, js: Path, backbone: Backbone, want_predictions: bool) -> dict | None:
+    """The sidecar if ``npy``/``js`` are a finished extraction made the way we would make it now."""
+    if not (npy.is_file() and js.is_file()):
+        return None
+    try:
+        sidecar = read_sidecar(js)
+        load_features(npy, sidecar)
+    except FeatureError:
+        return None
+    mine = backbone.identity()
+    theirs = sidecar.get("backbone", {})
+    if theirs.get("name") != mine["name"] or theirs.get("weights_sha256") != mine["weights_sha256"] \
+            or sidecar.get("recipe") != backbone.recipe.to_dict():
+        raise AqaError(
+            f"was made by another backbone, weights or recipe ({theirs.get('name')})",
+            path=js,
+            fix="pass --overwrite to replace it, or choose another --out folder",
+        )
+    if want_predictions and "predictions" not in sidecar:
+        return None
+    return sidecar
+
+
+class ExtractEvents:
+    """Progress hooks for :func:`extract_to_folder`; the CLI overrides them to draw bars."""
+
+    def video_started(self, video: Path) -> None: ...
+
+    def video_planned(self, video: Path, clips: int) -> None: ...
+
+    def clips_done(self, n: int) -> None: ...
+
+    def video_finished(self, outcome: ExtractOutcome) -> None: ...
+
+
+def extract_to_folder(
+    videos: Sequence[Path],
+    backbone: Backbone,
+    out_dir: Path,
+    *,
+    overwrite: bool = False,
+    batch_size: int = 4,
+    show_pred: bool = False,
+    decoder: str = "auto",
+    events: ExtractEvents | None = None,
+) -> list[ExtractOutcome]:
+    """Extract features for each video into ``out_dir``; one failure never stops the batch."""
+    events = events or ExtractEvents()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir)
+    outcomes: list[ExtractOutcome] = []
+    claimed: dict[str, Path] = {}
+    for video in videos:
+        video = Path(video)
+        events.video_started(video)
+        npy, js = output_paths(video, out_dir)
+        outcome = ExtractOutcome(video=video, status="failed")
+        try:
+            if video.stem in claimed:
+                raise AqaError(f"its output name {npy.name} is already used by {claimed[video.stem]}", path=video,
+                               fix="rename one of them, or extract them into different --out folders")
+            claimed[video.stem] = video
+            done = None if overwrite else _is_complete(npy, js, backbone, show_pred)
+            if done is not None:
+                outcome = ExtractOutcome(video, "skipped", npy, js, clips=int(done["shape"][0]),
+                                         predictions=done.get("predictions"))
+            else:
+                outcome = _extract_one(video, backbone, npy, js, batch_size, show_pred, decoder, events)
+        except AqaError as exc:
+            outcome.error = exc.message if exc.path else f"{video}: {exc.message}"
+        outcomes.append(outcome)
+        events.video_finished(outcome)
+    return outcomes
+
+
+def _extract_one(video: Path, backbone: Backbone, npy: Path, js: Path, batch_size: int, show_pred: bool,
+                 decoder: str, events: ExtractEvents) -> ExtractOutcome:
+    result = video_features(
+        video, backbone, batch_size=batch_size, decoder=decoder,
+        on_plan=lambda plan: events.video_planned(video, len(plan.clips)),
+        on_batch=events.clips_done,
+    )
+    predictions = None
+    if show_pred:
+        if result.logits is None:
+            raise AqaError(f"backbone {backbone.name} has no classifier head", fix="drop --show-pred")
+        predictions = top_predictions(result.logits, backbone.class_names)
+    sidecar = make_sidecar(result, video, video_sha256=sha256_file(video), predictions=predictions)
+    # The sidecar is written last: its presence marks the pair as complete, so an old
+    # one goes first and a run killed in between leaves nothing that looks finished.
+    js.unlink(missing_ok=True)
+    write_npy(npy, result.features)
+    write_json(js, sidecar)
+    return ExtractOutcome(video, "extracted", npy, js, clips=len(result.plan.clips),
+                          warnings=[*result.info.warnings, *result.plan.warnings], predictions=predictions)
