@@ -7,7 +7,6 @@ Every command calls into the library (``aqa_cli.extract``, ``aqa_cli.weights``
 
 from __future__ import annotations
 
-import os
 import platform
 import sys
 import time
@@ -116,7 +115,8 @@ def extract_features(
     if leftover is not None and leftover not in ("trim", "pad"):
         raise AqaError(f"unknown leftover policy {leftover!r}", fix="use trim or pad")
     bb = create_backbone(backbone, device=device, precision=precision)
-    bb.recipe = bb.recipe.replace(clip_len=clip_len, stride=stride, leftover=leftover)
+    # Non-overlapping clips stay non-overlapping when only the length changes.
+    bb.recipe = bb.recipe.replace(clip_len=clip_len, stride=stride or clip_len, leftover=leftover)
     err.print(f"[bold]{bb.name}[/bold] on {bb.device} ({precision}), recipe {bb.recipe.name}: "
               f"{bb.recipe.clip_len}-frame clips every {bb.recipe.stride} at {bb.recipe.fps or 'source'} fps")
 

@@ -1,0 +1,140 @@
+"""The I3D port against DeepMind's published behaviour, with the real Kinetics-400 weights."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from aqa_cli.backbones.i3d import WEIGHTS, InceptionI3d, fuse_batchnorm, state_dict_from_deepmind
+from aqa_cli.errors import WeightsError
+from aqa_cli.extract import top_predictions, video_features
+from aqa_cli.recipes import I3D_RECIPE
+from aqa_cli.safe_pickle import UnsafePickleError, load_numpy_pickle
+from aqa_cli.video import open_video
+
+pytestmark = pytest.mark.slow
+
+
+def whole_video_probs(backbone, path) -> np.ndarray:
+    """DeepMind's protocol: every frame at the source rate as one input."""
+    with open_video(path) as reader:
+        frames = np.concatenate([I3D_RECIPE.transform_frames(chunk)
+                                 for _, chunk in reader.iter_chunks(range(reader.info.num_frames))])
+    _, logits = backbone(frames[None])
+    return torch.softmax(torch.from_numpy(logits[0]), dim=0).numpy()
+
+
+def test_whole_video_matches_deepminds_published_probabilities(i3d, shared):
+    names = i3d.class_names
+    p = whole_video_probs(i3d, shared / "videos" / "flipping_a_pancake.mkv")
+    assert names[int(p.argmax())] == "flipping pancake"
+    assert p.max() == pytest.approx(0.9998, abs=3e-4)
+    p = whole_video_probs(i3d, shared / "videos" / "arm_wrestling.mp4")
+    assert names[int(p.argmax())] == "arm wrestling" and p.max() > 0.999
+
+
+def test_clip_pipeline_recognises_the_golden_videos(i3d, shared):
+    arm = video_features(shared / "videos" / "arm_wrestling.mp4", i3d)
+    assert arm.features.shape == (7, 1024) and arm.features.dtype == np.float32
+    assert top_predictions(arm.logits, i3d.class_names)[0]["label"] == "arm wrestling"
+    pancake = video_features(shared / "videos" / "flipping_a_pancake.mkv", i3d)
+    assert "flipping pancake" in [p["label"] for p in top_predictions(pancake.logits, i3d.class_names)]
+
+
+def test_features_are_deterministic_and_independent_of_batch_size(i3d, shared):
+    path = shared / "videos" / "arm_wrestling.mp4"
+    a = video_features(path, i3d, batch_size=1).features
+    b = video_features(path, i3d, batch_size=4).features
+    assert np.allclose(a, b, atol=1e-5)
+    assert np.array_equal(video_features(path, i3d, batch_size=4).features, b)
+
+
+def test_class_names_are_deepminds_label_map(i3d, shared):
+    labels = (shared / "data" / "kinetics" / "label_map_k400.txt").read_text().splitlines()
+    assert i3d.class_names == labels
+
+
+def test_checkpoint_conversion_uses_every_array_and_fills_every_tensor():
+    model = InceptionI3d()
+    tree = {"params": {}, "batch_stats": {}}
+    # Build a DeepMind-shaped tree from a random model and convert it back.
+    for key, value in model.state_dict().items():
+        *scope, module, tensor = key.split(".")
+        name = "/".join(scope)
+        if module == "conv":
+            leaf = "kernel" if tensor == "weight" else "bias"
+            arr = value.numpy().transpose(2, 3, 4, 1, 0) if tensor == "weight" else value.numpy()
+            tree["params"].setdefault(name, {}).setdefault("Conv_0", {})[leaf] = arr
+        elif tensor == "bias":
+            tree["params"].setdefault(name, {}).setdefault("BatchNorm_0", {})["bias"] = value.numpy()
+        else:
+            stat = "mean" if tensor == "running_mean" else "var"
+            tree["batch_stats"].setdefault(name, {}).setdefault("BatchNorm_0", {})[stat] = value.numpy().reshape(
+                1, 1, 1, 1, -1)
+    state = state_dict_from_deepmind(tree)
+    assert set(state) == set(model.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    del tree["params"]["Mixed_5c/Branch_0/Conv3d_0a_1x1"]
+    tree["params"]["Extra"] = {"Conv_0": {"kernel": np.zeros((1, 1, 1, 1, 1), np.float32)}}
+    with pytest.raises(ValueError, match=r"missing: \['Mixed_5c.Branch_0.Conv3d_0a_1x1.conv.weight'") as exc:
+        state_dict_from_deepmind(tree)
+    assert "Extra" in str(exc.value)
+
+
+def test_folded_batchnorm_gives_the_same_outputs():
+    torch.manual_seed(0)
+    model = InceptionI3d().eval()
+    for m in model.modules():
+        if hasattr(m, "running_var"):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.bias.data.uniform_(-0.2, 0.2)
+    x = torch.randn(1, 3, 16, 224, 224)
+    with torch.inference_mode():
+        ref, fused = model(x), fuse_batchnorm(model)(x)
+    assert torch.allclose(ref.features, fused.features, atol=1e-4)
+    assert torch.allclose(ref.logits, fused.logits, atol=1e-4)
+
+
+class _Exploit:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch /tmp/aqa-pwned",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    evil = tmp_path / "i3d-kinetics-400.ckpt"
+    evil.write_bytes(pickle.dumps({"params": _Exploit()}))
+    with pytest.raises(UnsafePickleError, match="system"):
+        load_numpy_pickle(evil)
+    with pytest.raises(WeightsError, match="refused") as exc:
+        WEIGHTS.convert(evil)
+    assert "never load it" in exc.value.message
+
+
+def test_numpy_only_pickles_load(tmp_path):
+    path = tmp_path / "ok.ckpt"
+    path.write_bytes(pickle.dumps({"a": {"b": np.arange(6, dtype=np.float32).reshape(2, 3)}}, protocol=4))
+    tree = load_numpy_pickle(path)
+    assert tree["a"]["b"].shape == (2, 3)
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "cut.ckpt"
+    path.write_bytes(pickle.dumps({"a": np.zeros((100, 100), np.float32)}, protocol=4)[:2000])
+    with pytest.raises(WeightsError, match="not a readable checkpoint"):
+        WEIGHTS.convert(path)
+
+
+def test_safetensors_metadata_records_source_and_classes(i3d):
+    from aqa_cli.weights import cached_path, read_safetensors
+
+    _, meta = read_safetensors(cached_path("i3d-kinetics400"))
+    assert meta["source_sha256"] == WEIGHTS.source_sha256
+    assert meta["format"] == "aqa-weights/1" and meta["architecture"] == "i3d"
+    assert len(json.loads(meta["classes"])) == 400
