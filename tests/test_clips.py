@@ -101,7 +101,7 @@ def test_decoded_clips_deliver_the_planned_frames_30_to_25(tmp_path):
             assert plan.resampled and plan.timeline_frames == 80
             assert (plan.trimmed_head, plan.trimmed_tail) == (8, 8)
             got = []
-            for clips, batch in iter_clip_batches(reader, plan, recipe, batch_size=1):
+            for _, batch in iter_clip_batches(reader, plan, recipe, batch_size=1):
                 assert batch.shape == (1, 32, 120, 160, 3) and batch.dtype == np.uint8
                 got.append([read_index(f) for f in batch[0]])
         expected = [[(i * 30) // 25 for i in range(8 + 32 * k, 8 + 32 * (k + 1))] for k in range(2)]

@@ -84,7 +84,7 @@ def test_bad_inputs_fail_one_by_one_and_the_batch_goes_on(tmp_path, shared):
     assert "notes.mp4: not a readable video" in text
     assert "cut.mp4: not a readable video" in text
     assert "3 extracted, 0 skipped (already complete), 3 failed" in " ".join(res.stdout.split())
-    # The short video is padded with a warning, and a streamable file cut in half keeps what is readable, with a warning.
+    # The short video is padded with a warning; a streamable file cut in half keeps what is readable, and warns.
     assert "ten.mp4: only 10 frames" in " ".join(text.split())
     side = json.loads((out / "cut_stream.json").read_text())
     assert "looks truncated" in side["source"]["warnings"][0]

@@ -95,3 +95,15 @@ def test_find_videos_recurses_by_extension_and_keeps_explicit_files(tmp_path):
         (tmp_path / name).write_bytes(b"0")
     found = find_videos([tmp_path / "a", tmp_path / "a" / "readme.txt", tmp_path / "a" / "x.mp4"])
     assert [p.name for p in found] == ["y.MKV", "x.mp4", "readme.txt"]
+
+
+def test_pyav_serves_everything_when_decord_is_missing(tmp_path, monkeypatch):
+    import aqa_cli.video as video
+
+    monkeypatch.setattr(video, "_decord", None)
+    path = write_video(tmp_path / "a.mp4", index_frames(20), 25)
+    info, _, frames = decode_all(path, "auto")
+    assert info.decoder == "pyav" and [read_index(f) for f in frames] == list(range(20))
+    assert video.available_decoders()["decord"] is None
+    with pytest.raises(VideoError, match="decord is not installed"):
+        open_video(path, decoder="decord")
