@@ -93,7 +93,10 @@ class _ClipRate(ProgressColumn):
 def extract_features(
     inputs: Annotated[list[Path], typer.Argument(help="Videos, or folders searched recursively by video extension.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for <stem>.npy and <stem>.json.")],
-    backbone: Annotated[str, typer.Option(help="Feature extractor: i3d.")] = "i3d",
+    backbone: Annotated[str, typer.Option(help="Feature extractor: i3d (Kinetics-400 I3D) or vst (Video Swin-B "
+                                                "Kinetics-600, the published AQA features).")] = "i3d",
+    weights: Annotated[Optional[str], typer.Option(help="Other weights of the same architecture (see `aqa weights "
+                                                        "list`); default: the backbone's own.")] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
     batch_size: Annotated[int, typer.Option(min=1, help="Clips per forward pass.")] = 4,
@@ -114,7 +117,7 @@ def extract_features(
         raise AqaError("no videos found in " + ", ".join(map(str, inputs)), fix="pass video files or folders holding them")
     if leftover is not None and leftover not in ("trim", "pad"):
         raise AqaError(f"unknown leftover policy {leftover!r}", fix="use trim or pad")
-    bb = create_backbone(backbone, device=device, precision=precision)
+    bb = create_backbone(backbone, device=device, precision=precision, weights=weights)
     # Non-overlapping clips stay non-overlapping when only the length changes.
     bb.recipe = bb.recipe.replace(clip_len=clip_len, stride=stride or clip_len, leftover=leftover)
     err.print(f"[bold]{bb.name}[/bold] on {bb.device} ({precision}), recipe {bb.recipe.name}: "
@@ -151,9 +154,12 @@ def extract_features(
                                      show_pred=show_pred, decoder=decoder, events=Events())
 
     if show_pred:
+        if bb.class_names is None:
+            err.print(f"[yellow]note[/yellow] {bb.spec.weights} has no class names, so classes are shown by index; "
+                      f"add them with `aqa weights labels {bb.spec.weights} FILE`", highlight=False)
         for o in outcomes:
             if o.predictions:
-                t = Table(title=f"{o.video.name}: Kinetics top-5", title_justify="left")
+                t = Table(title=f"{o.video.name}: Kinetics top-5 ({bb.spec.weights})", title_justify="left")
                 t.add_column("label")
                 t.add_column("prob", justify="right")
                 for p in o.predictions:
@@ -176,35 +182,100 @@ def weights_list() -> None:
     from aqa_cli.weights import cached_path, is_cached, list_specs
 
     t = Table()
-    for col in ("name", "kind", "source", "sha256 (pinned source)", "cached"):
+    for col in ("name", "kind", "source", "pinned (source file)", "cached"):
         t.add_column(col, overflow="fold")
     for s in list_specs():
-        t.add_row(s.name, s.kind, s.source, s.source_sha256, str(cached_path(s.name)) if is_cached(s.name) else "no")
+        t.add_row(s.name, s.kind, s.source, s.describe_pin(), str(cached_path(s.name)) if is_cached(s.name) else "no")
     out.print(t)
+
+
+class _DownloadBar:
+    """A rich download bar that appears with the first byte (not at all when nothing is downloaded)."""
+
+    def __init__(self) -> None:
+        from rich.progress import DownloadColumn, TimeRemainingColumn, TransferSpeedColumn
+
+        self.bar = Progress(TextColumn("download"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                            TimeRemainingColumn(), console=err)
+        self.task = self.bar.add_task("download", total=None)
+        self.started = False
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if not self.started:
+            self.bar.start()
+            self.started = True
+        self.bar.update(self.task, completed=done, total=total)
+
+    def log(self, message: str) -> None:
+        self.bar.console.print(message, highlight=False, soft_wrap=True)
+
+    def __enter__(self) -> _DownloadBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.started:
+            self.bar.stop()
+
+
+def _report_installed(name: str, target: Path) -> None:
+    from aqa_cli.weights import read_safetensors
+
+    _, meta = read_safetensors(target)
+    out.print(f"{name}: {target}")
+    out.print(f"  source sha256 {meta.get('source_sha256')} ({meta.get('source_check')})", highlight=False)
+    if meta.get("source_check", "").startswith("unpinned"):
+        err.print("[yellow]warning[/yellow] this file could not be checked against the official release's pin",
+                  highlight=False)
+    if "classes" in meta:
+        out.print(f"  class names: {meta.get('classes_source', 'from the checkpoint package')}", highlight=False)
+    elif "num_classes" in meta:
+        out.print(f"  no class names: --show-pred prints class indices until you run "
+                  f"`aqa weights labels {name} FILE`", highlight=False)
 
 
 @weights_app.command("fetch")
 def weights_fetch(
     name: Annotated[str, typer.Argument(help="Registry name, see `aqa weights list`.")],
     force: Annotated[bool, typer.Option(help="Fetch again even when cached.")] = False,
+    labels: Annotated[Optional[Path], typer.Option(help="Class names, one per line in logit order, for a "
+                                                        "checkpoint that has none.")] = None,
 ) -> None:
-    """Download, verify against the pinned sha256, and convert to safetensors in the cache."""
-    from aqa_cli.weights import fetch
+    """Download (resumable), verify against the pins, and convert to safetensors in the cache."""
+    from aqa_cli.weights import fetch, is_cached
 
-    path = fetch(name, force=force, log=lambda m: err.print(m, highlight=False))
-    out.print(f"{name}: {path}")
+    if is_cached(name) and not force:
+        out.print(f"{name}: already cached (use --force to fetch again)")
+        return
+    with _DownloadBar() as bar:
+        path = fetch(name, force=force, log=bar.log, progress=bar, labels=labels)
+    _report_installed(name, path)
 
 
 @weights_app.command("import")
 def weights_import(
     path: Annotated[Path, typer.Argument(help="The downloaded checkpoint, or the archive that holds it.")],
     name: Annotated[str, typer.Option(help="Registry name it should become.")],
+    format: Annotated[str, typer.Option("--format", help="auto (detect), or the checkpoint's format: mmcv (the "
+                                        "official Video Swin release), torchvision (a swin3d_b state dict).")] = "auto",
+    labels: Annotated[Optional[Path], typer.Option(help="Class names, one per line in logit order (the Kinetics-600 "
+                                                        "release has none).")] = None,
 ) -> None:
-    """Import a checkpoint downloaded by hand (verified against the pinned sha256)."""
+    """Import a checkpoint downloaded by hand (verified against the registry's pins)."""
     from aqa_cli.weights import import_file
 
-    target = import_file(name, path)
-    out.print(f"{name}: {target}")
+    target = import_file(name, path, fmt=format, labels=labels)
+    _report_installed(name, target)
+
+
+@weights_app.command("labels")
+def weights_labels(
+    name: Annotated[str, typer.Argument(help="Registry name of cached weights.")],
+    file: Annotated[Path, typer.Argument(help="Class names, one per line in logit order.")],
+) -> None:
+    """Attach class names to cached weights (e.g. DeepMind's label_map_600.txt for vst-k600)."""
+    from aqa_cli.weights import set_labels
+
+    _report_installed(name, set_labels(name, file))
 
 
 @weights_app.command("verify")

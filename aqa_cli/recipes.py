@@ -68,13 +68,36 @@ class Recipe:
                 d[key] = tuple(d[key])
         return cls(**d)
 
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) after the short-side resize: the short side becomes ``resize_short``,
+        the long side ``floor(resize_short * long / short)`` (torchvision's and mmcv's rounding)."""
+        short, long = min(height, width), max(height, width)
+        new_long = int(self.resize_short * long / short)
+        return (self.resize_short, new_long) if height <= width else (new_long, self.resize_short)
+
+    def crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(top, left, crop height, crop width) of the centre crop in a (height, width) frame.
+
+        Offsets are ``round((size - crop) / 2)``. A frame smaller than the crop
+        (a portrait video under a landscape crop) is padded with black on both
+        sides instead; the offsets are then negative.
+        """
+        ch, cw = self.crop
+        return int(round((height - ch) / 2.0)), int(round((width - cw) / 2.0)), ch, cw
+
     def transform_frames(self, frames: np.ndarray) -> np.ndarray:
-        """uint8 RGB [n, H, W, 3] → uint8 RGB [n, h, w, 3] at the backbone's input size."""
+        """uint8 RGB [n, H, W, 3] → uint8 RGB [n, h, w, 3] at the backbone's input size.
+
+        Steps, in order: short-side resize (:meth:`resized_size`), centre crop
+        (:meth:`crop_box`), then the optional second resize to ``final_size``.
+        """
         x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
         mode = TF.InterpolationMode(self.interpolation)
-        x = TF.resize(x, [self.resize_short], interpolation=mode, antialias=self.antialias)
+        size = self.resized_size(*x.shape[-2:])
+        if tuple(x.shape[-2:]) != size:  # skip a needless interpolation pass (it would be an identity)
+            x = TF.resize(x, list(size), interpolation=mode, antialias=self.antialias)
         x = TF.center_crop(x, list(self.crop))
-        if self.final_size is not None:
+        if self.final_size is not None and tuple(self.final_size) != tuple(self.crop):
             x = TF.resize(x, list(self.final_size), interpolation=mode, antialias=self.antialias)
         return x.permute(0, 2, 3, 1).contiguous().numpy()
 
@@ -88,3 +111,20 @@ class Recipe:
 
 # DeepMind's Kinetics preprocessing: 25 fps, short side 256, centre crop 224, values in [-1, 1].
 I3D_RECIPE = Recipe(name="i3d-deepmind", fps=25.0)
+
+# The Video Swin-B (Kinetics-600) features of the published long-term AQA work (GDLT, CVPR 2022, and the
+# heads built on its features): 25 fps, non-overlapping 32-frame clips with the leftover trimmed equally from
+# head and tail; short side 256, centre crop 224 high x 300 wide, then squashed to 224x224 (the aspect ratio
+# is not kept); ImageNet mean/std on the 0-255 scale, written here on the 0-1 scale.
+GDLT_RECIPE = Recipe(
+    name="gdlt",
+    fps=25.0,
+    clip_len=32,
+    stride=32,
+    leftover="trim",
+    resize_short=256,
+    crop=(224, 300),
+    final_size=(224, 224),
+    mean=(123.675 / 255, 116.28 / 255, 103.53 / 255),
+    std=(58.395 / 255, 57.12 / 255, 57.375 / 255),
+)

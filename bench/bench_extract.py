@@ -47,6 +47,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from _common import cpu_model
+
 OUT_DIR = Path(__file__).resolve().parent / "out"
 FPS = 25.0
 WIDTH, HEIGHT = 640, 360
@@ -187,16 +189,8 @@ def measure(run: Run, args: argparse.Namespace) -> dict:
 
 
 def machine_info(sample: dict) -> dict:
-    cpu_model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "cpu_model": cpu_model,
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "platform": platform.platform(),

@@ -7,6 +7,7 @@ the device, with the feature recipe attached. ``list_backbones()`` names them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,8 +31,8 @@ class BackboneSpec:
     weights: str
     recipe: Recipe
     feature_dim: int
-    # Builds the model and loads a converted state dict into it.
-    build: Callable[[dict[str, torch.Tensor]], nn.Module]
+    # Builds the model and loads a converted state dict (and its safetensors metadata) into it.
+    build: Callable[[dict[str, torch.Tensor], dict[str, str]], nn.Module]
 
 
 class Backbone:
@@ -73,16 +74,16 @@ class Backbone:
 
 
 def _registry() -> dict[str, BackboneSpec]:
-    from aqa_cli.backbones import i3d
+    from aqa_cli.backbones import i3d, vst
 
-    return {spec.name: spec for spec in (i3d.BACKBONE,)}
+    return {spec.name: spec for spec in (i3d.BACKBONE, vst.BACKBONE)}
 
 
 def weights_specs() -> dict:
     """Weights registry entries contributed by the backbone modules."""
-    from aqa_cli.backbones import i3d
+    from aqa_cli.backbones import i3d, vst
 
-    return {spec.name: spec for spec in (i3d.WEIGHTS,)}
+    return {spec.name: spec for spec in (i3d.WEIGHTS, *vst.WEIGHTS)}
 
 
 def list_backbones() -> list[str]:
@@ -107,11 +108,23 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise AqaError(f"unknown device {device!r}", fix="use auto, cpu or cuda") from None
 
 
-def create_backbone(name: str, *, device: str = "auto", precision: str = "fp32", fetch: bool = True) -> Backbone:
-    """Build backbone ``name`` with its verified weights on ``device``."""
-    from aqa_cli.weights import load_weights
+def create_backbone(name: str, *, device: str = "auto", precision: str = "fp32", fetch: bool = True,
+                    weights: str | None = None) -> Backbone:
+    """Build backbone ``name`` with its verified weights on ``device``.
+
+    ``weights`` picks another registry entry of the same architecture than the
+    backbone's default (e.g. torchvision's Kinetics-400 Swin-B for ``vst``).
+    """
+    from aqa_cli.weights import get_spec, load_weights
 
     spec = get_backbone_spec(name)
+    if weights is not None and weights != spec.weights:
+        default_arch = get_spec(spec.weights).architecture
+        if get_spec(weights).architecture != default_arch:
+            same = [w for w, s in weights_specs().items() if s.architecture == default_arch]
+            raise AqaError(f"weights {weights!r} do not fit the {name} backbone",
+                           fix=f"choose one of: {', '.join(sorted(same))}")
+        spec = dataclasses.replace(spec, weights=weights)
     if precision not in PRECISIONS:
         raise AqaError(f"unknown precision {precision!r}", fix=f"choose one of: {', '.join(PRECISIONS)}")
     dev = resolve_device(device)
@@ -119,7 +132,7 @@ def create_backbone(name: str, *, device: str = "auto", precision: str = "fp32",
         raise AqaError("fp16 autocast needs a GPU", fix="use --precision bf16 on the CPU, or fp32")
     loaded = load_weights(spec.weights, fetch_missing=fetch)
     try:
-        model = spec.build(loaded.tensors)
+        model = spec.build(loaded.tensors, loaded.metadata)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise WeightsError(
             f"does not fit the {name} architecture ({' '.join(str(exc).split())[:160]})",

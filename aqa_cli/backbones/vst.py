@@ -1,0 +1,457 @@
+"""Video Swin Transformer (Liu et al., 2022) as the ``vst`` backbone.
+
+The network is torchvision's ``swin3d_b`` (patch 2x4x4, window 8x7x7, embed
+128, depths 2-2-18-2, heads 4-8-16-32), which computes exactly what the
+official ``SwinTransformer3D`` of the Video-Swin-Transformer repository
+computes. Only the parameter names differ, so the official checkpoint loads
+after a renaming:
+
+==========================================  =======================================
+official (mmcv ``state_dict``)              torchvision ``SwinTransformer3d``
+==========================================  =======================================
+``backbone.patch_embed.{proj,norm}.*``      ``patch_embed.{proj,norm}.*``
+``backbone.layers.i.blocks.j.*``            ``features.{2i}.j.*``
+``  … .mlp.fc1.*`` / ``… .mlp.fc2.*``       ``… .mlp.0.*`` / ``… .mlp.3.*``
+``backbone.layers.i.downsample.*``          ``features.{2i+1}.*``
+``backbone.norm.*``                         ``norm.*``
+``cls_head.fc_cls.*``                       ``head.*``
+==========================================  =======================================
+
+Every official tensor has a counterpart, including the
+``attn.relative_position_index`` buffers: both implementations store them, and
+the converter checks that each equals the index torchvision computes for the
+window, since the bias tables are only meaningful with that exact indexing.
+Anything missing, left over, or of the wrong shape is refused by name.
+
+The features are the published AQA ones: the (B, 1024, T/2, H/32, W/32) map
+after the final LayerNorm — (B, 1024, 16, 7, 7) for a 32x224x224 clip —
+adaptive-average-pooled to 1024. The logits are the checkpoint's classifier
+(mmaction's I3DHead: the same pooling, then one linear layer).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torchvision.models.video import SwinTransformer3d, swin3d_b
+from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d
+
+from aqa_cli.backbones import BackboneSpec
+from aqa_cli.errors import WeightsError
+from aqa_cli.recipes import GDLT_RECIPE
+from aqa_cli.weights import WeightsSpec
+
+__all__ = [
+    "SwinConfig",
+    "SWIN_B",
+    "VSTOutput",
+    "VideoSwin",
+    "build_swin3d",
+    "torchvision_key",
+    "state_dict_from_official",
+    "check_state_dict",
+    "load_torch_checkpoint",
+    "detect_format",
+    "convert_checkpoint",
+]
+
+
+@dataclass(frozen=True)
+class SwinConfig:
+    """The hyper-parameters that decide a Video Swin state dict's keys and shapes."""
+
+    patch_size: tuple[int, int, int] = (2, 4, 4)
+    embed_dim: int = 128
+    depths: tuple[int, ...] = (2, 2, 18, 2)
+    num_heads: tuple[int, ...] = (4, 8, 16, 32)
+    window_size: tuple[int, int, int] = (8, 7, 7)
+    num_classes: int = 600
+
+    @property
+    def feature_dim(self) -> int:
+        return self.embed_dim * 2 ** (len(self.depths) - 1)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> SwinConfig:
+        d = json.loads(text)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+# Swin-B as in the official Kinetics-600 config (swin_base_patch244_window877_kinetics600_22k.py).
+SWIN_B = SwinConfig()
+
+
+def build_swin3d(config: SwinConfig = SWIN_B) -> SwinTransformer3d:
+    """torchvision's SwinTransformer3d for ``config`` (randomly initialised).
+
+    Swin-B is built by torchvision's own ``swin3d_b``; other configurations
+    (small ones for tests) by the same class with the same defaults.
+    """
+    if replace(config, num_classes=SWIN_B.num_classes) == SWIN_B:
+        return swin3d_b(weights=None, num_classes=config.num_classes)
+    return SwinTransformer3d(
+        patch_size=list(config.patch_size),
+        embed_dim=config.embed_dim,
+        depths=list(config.depths),
+        num_heads=list(config.num_heads),
+        window_size=list(config.window_size),
+        stochastic_depth_prob=0.1,
+        num_classes=config.num_classes,
+    )
+
+
+class VSTOutput(NamedTuple):
+    features: torch.Tensor
+    """[B, 1024] the final-LayerNorm map, adaptive-average-pooled."""
+    logits: torch.Tensor
+    """[B, num_classes] the classifier head applied to those features."""
+
+
+class VideoSwin(nn.Module):
+    """torchvision's Swin3D with the outputs the Backbone contract asks for.
+
+    Input: float [B, 3, T, H, W] normalised as the recipe says. Mirrors
+    ``SwinTransformer3d.forward`` (patch_embed, pos_drop, features, norm,
+    permute, avgpool, flatten, head) but keeps the pooled features too.
+    """
+
+    def __init__(self, net: SwinTransformer3d) -> None:
+        super().__init__()
+        self.net = net
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, T/2, H/32, W/32] after the final LayerNorm (channels first, like the official backbone)."""
+        if x.dim() != 5 or x.shape[1] != 3:
+            raise ValueError(f"expected input [B, 3, T, H, W], got {tuple(x.shape)}")
+        net = self.net
+        x = net.features(net.pos_drop(net.patch_embed(x)))  # B T H W C
+        return net.norm(x).permute(0, 4, 1, 2, 3)
+
+    def forward(self, x: torch.Tensor) -> VSTOutput:
+        features = torch.flatten(self.net.avgpool(self.feature_map(x)), 1)
+        return VSTOutput(features=features, logits=self.net.head(features))
+
+
+# ------------------------------------------------------------------------------------------------ key mapping
+
+# The only renamings inside a block: the MLP is a named module officially, a Sequential in torchvision
+# (Linear, GELU, Dropout, Linear, Dropout).
+_BLOCK_RENAMES = {"mlp.fc1.": "mlp.0.", "mlp.fc2.": "mlp.3."}
+_BLOCK = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.(.+)$")
+_DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.(.+)$")
+
+
+def torchvision_key(key: str) -> str | None:
+    """The torchvision name of an official (mmcv) key, or None when it has no counterpart."""
+    if key.startswith("cls_head.fc_cls."):
+        return "head." + key[len("cls_head.fc_cls."):]
+    if not key.startswith("backbone."):
+        return None
+    key = key[len("backbone."):]
+    if key.startswith(("patch_embed.", "norm.")):
+        return key
+    if m := _BLOCK.match(key):
+        stage, block, rest = int(m[1]), m[2], m[3]
+        for old, new in _BLOCK_RENAMES.items():
+            if rest.startswith(old):
+                rest = new + rest[len(old):]
+        return f"features.{2 * stage}.{block}.{rest}"
+    if m := _DOWNSAMPLE.match(key):
+        return f"features.{2 * int(m[1]) + 1}.{m[2]}"
+    return None
+
+
+def official_key(key: str) -> str:
+    """The inverse of :func:`torchvision_key` (used to name keys in messages, and by tests)."""
+    if key.startswith("head."):
+        return "cls_head.fc_cls." + key[len("head."):]
+    m = re.match(r"^features\.(\d+)\.(.+)$", key)
+    if not m:
+        return "backbone." + key
+    index, rest = int(m[1]), m[2]
+    if index % 2:
+        return f"backbone.layers.{index // 2}.downsample.{rest}"
+    block, rest = rest.split(".", 1)
+    for old, new in _BLOCK_RENAMES.items():
+        if rest.startswith(new):
+            rest = old + rest[len(new):]
+    return f"backbone.layers.{index // 2}.blocks.{block}.{rest}"
+
+
+def state_dict_from_official(state: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Rename an official state dict to torchvision's names; returns (renamed, keys with no counterpart)."""
+    renamed: dict[str, Any] = {}
+    unexpected: list[str] = []
+    for key, value in state.items():
+        new = torchvision_key(key)
+        if new is None:
+            unexpected.append(key)
+        else:
+            renamed[new] = value
+    return renamed, unexpected
+
+
+def _names(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _expected_index(window: tuple[int, int, int]) -> torch.Tensor:
+    attn = ShiftedWindowAttention3d(dim=8, window_size=list(window), shift_size=[0, 0, 0], num_heads=1)
+    return attn.relative_position_index
+
+
+def check_state_dict(tensors: Mapping[str, Any], config: SwinConfig, *,
+                     naming: Callable[[str], str] = lambda k: k) -> dict[str, torch.Tensor]:
+    """Check a torchvision-named state dict against ``config``; ValueError names every problem.
+
+    ``naming`` maps a torchvision key to the name the user knows it by (the
+    official one when the file was an official checkpoint).
+    """
+    with torch.device("meta"):
+        expected = build_swin3d(config).state_dict()
+    missing = [naming(k) for k in expected if k not in tensors]
+    unexpected = [naming(k) for k in tensors if k not in expected]
+    not_tensor = [naming(k) for k, v in tensors.items() if k in expected and not isinstance(v, torch.Tensor)]
+    bad_shape = [f"{naming(k)} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                 if isinstance(tensors.get(k), torch.Tensor) and tuple(tensors[k].shape) != tuple(v.shape)]
+    problems = [f"{label}: {_names(keys)}" for label, keys in
+                (("missing", missing), ("unexpected", unexpected), ("not tensors", not_tensor),
+                 ("shape (checkpoint vs Swin3D)", bad_shape)) if keys]
+    if problems:
+        raise ValueError(f"not a {_describe(config)} checkpoint; " + "; ".join(problems))
+    index = _expected_index(config.window_size)
+    wrong_index = [naming(k) for k in expected if k.endswith("relative_position_index")
+                   and not torch.equal(tensors[k].to(torch.int64), index)]
+    if wrong_index:
+        raise ValueError(f"relative_position_index differs from the {config.window_size} window's: "
+                         f"{_names(wrong_index)}")
+    out = {}
+    for k, v in expected.items():
+        t = tensors[k]
+        out[k] = t.to(v.dtype).contiguous()  # fp16 copies are widened; the index stays int64
+    return out
+
+
+def _describe(config: SwinConfig) -> str:
+    name = "Swin-B" if replace(config, num_classes=SWIN_B.num_classes) == SWIN_B else "Video Swin"
+    return (f"{name} (embed {config.embed_dim}, depths {'-'.join(map(str, config.depths))}, "
+            f"{config.num_classes} classes)")
+
+
+# ---------------------------------------------------------------------------------------- reading checkpoints
+
+def _numpy_data_globals() -> list:
+    """numpy classes that only rebuild plain data, allowed in a checkpoint's metadata.
+
+    mmcv writes training metadata (``meta``: versions, time, sometimes numpy
+    scores) beside the weights. Rebuilding a numpy scalar or array runs no user
+    code, so these are admitted; anything else (``os.system``, arbitrary
+    classes) is still refused by ``weights_only``.
+    """
+    import numpy as np
+
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray
+    allowed: list = [multiarray.scalar, multiarray._reconstruct, np.ndarray, np.dtype]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        allowed += [getattr(dtypes, n) for n in dtypes.__all__ if isinstance(getattr(dtypes, n), type)]
+    return allowed
+
+
+def load_torch_checkpoint(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)``, with one-line refusals for unsafe or damaged files.
+
+    Zip-format checkpoints (every torch.save since PyTorch 1.6) are memory-mapped,
+    so sniffing the format and converting do not hold a second copy in memory.
+    """
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(_numpy_data_globals()):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                # A legacy (pre-1.6) file cannot be mapped; read it whole.
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        found = re.findall(r"GLOBAL ([\w.]+)", text) or re.findall(r"got <class '([\w.]+)'>", text) \
+            or _foreign_globals(path)
+        if found:
+            raise WeightsError(f"refused: the file asks to load {found[0]}, which could run code, and a "
+                               "checkpoint needs only tensors", path=path,
+                               fix="this is not a plain checkpoint; do not load it") from None
+        raise WeightsError(f"not a readable PyTorch checkpoint ({_first_line(text)})", path=path,
+                           fix="download it again") from None
+    except (RuntimeError, EOFError, ValueError, KeyError, OSError, zipfile.BadZipFile, IndexError,
+            AttributeError, TypeError) as exc:
+        raise WeightsError(f"not a readable PyTorch checkpoint, truncated or damaged ({type(exc).__name__}: "
+                           f"{_first_line(str(exc))})", path=path, fix="download it again") from None
+
+
+def _foreign_globals(path: Path) -> list[str]:
+    """Globals other than torch's own that a (non-zip) pickle names, read without executing it.
+
+    torch's weights-only unpickler stops at the first opcode it does not know,
+    before it reaches the global that tells the user why the file is dangerous;
+    pickletools only lists opcodes, so it can name it safely.
+    """
+    import pickletools
+
+    found: list[str] = []
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as fh:
+            for op, arg, _ in pickletools.genops(fh):
+                if isinstance(arg, str) and "UNICODE" in op.name:
+                    strings.append(arg)
+                elif op.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # noqa: BLE001 - not a pickle at all: nothing to name
+        return []
+    return [g for g in found if not g.startswith(("torch.", "collections.OrderedDict", "_codecs."))]
+
+
+def _first_line(text: str) -> str:
+    return " ".join(text.split(". ")[0].split())[:100] or "no detail"
+
+
+def _detect(obj: Any) -> tuple[str, Mapping[str, Any]]:
+    """(format, state dict) of a loaded checkpoint: "mmcv" (official names) or "torchvision"."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"holds a {type(obj).__name__}, not a dict of tensors")
+    state = obj["state_dict"] if "state_dict" in obj else obj
+    if not isinstance(state, Mapping):
+        raise ValueError("its state_dict is not a dict of tensors")
+    keys = [k for k in state if isinstance(k, str)]
+    if any(k.startswith(("backbone.", "cls_head.")) for k in keys):
+        return "mmcv", state
+    if any(k.startswith(("features.", "patch_embed.")) for k in keys):
+        return "torchvision", state
+    raise ValueError(f"neither official (backbone.*) nor torchvision (features.*) key names: {_names(keys, 4)}")
+
+
+def detect_format(path: Path) -> str:
+    """"mmcv" or "torchvision", read with ``weights_only`` (nothing in the file is run)."""
+    try:
+        return _detect(load_torch_checkpoint(path))[0]
+    except ValueError as exc:
+        raise WeightsError(str(exc), path=path, fix="pass a Video Swin checkpoint (official or torchvision)") from None
+
+
+def convert_checkpoint(path: Path, fmt: str = "auto", *, config: SwinConfig = SWIN_B,
+                       classes: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """An official mmcv checkpoint or a torchvision state dict → torchvision's state dict and metadata."""
+    obj = load_torch_checkpoint(path)
+    try:
+        detected, state = _detect(obj)
+        if fmt not in ("auto", detected):
+            raise ValueError(f"looks like a {detected} checkpoint, not {fmt}")
+        if detected == "mmcv":
+            renamed, unexpected = state_dict_from_official(state)
+            if unexpected:
+                raise ValueError(f"keys with no Swin3D counterpart: {_names(unexpected)}")
+            tensors = check_state_dict(renamed, config, naming=official_key)
+        else:
+            tensors = check_state_dict(state, config)
+    except ValueError as exc:
+        raise WeightsError(str(exc), path=path, fix="this is not the checkpoint for these weights") from None
+    extra = {"source_format": detected, "vst_config": config.to_json(), "feature_dim": str(config.feature_dim),
+             "num_classes": str(config.num_classes)}
+    if classes is not None:
+        extra["classes"] = json.dumps(classes)
+    return tensors, extra
+
+
+def _build(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> nn.Module:
+    config = SwinConfig.from_json(metadata["vst_config"]) if metadata and "vst_config" in metadata else \
+        replace(SWIN_B, num_classes=int(tensors["head.weight"].shape[0]))
+    net = build_swin3d(config)
+    net.load_state_dict(tensors, strict=True)
+    return VideoSwin(net).eval()
+
+
+# ------------------------------------------------------------------------------------------- weights and recipe
+
+OFFICIAL_URL = ("https://github.com/SwinTransformer/storage/releases/download/v1.0.4/"
+                "swin_base_patch244_window877_kinetics600_22k.pth")
+# DeepMind's Kinetics-600 label map (kinetics-i3d, data/label_map_600.txt): the 600 class names sorted,
+# which is also the logit order of mmaction's Kinetics-600 annotation lists the official model was trained on.
+K600_LABELS_URL = "https://raw.githubusercontent.com/deepmind/kinetics-i3d/master/data/label_map_600.txt"
+K600_LABELS_SHA256 = "8dfca4202520ea8291ce0242ef33b006d0a0772b409663c090a2876bc1978dcf"
+
+
+def _convert_official(path: Path, fmt: str = "auto") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    return convert_checkpoint(path, fmt, config=SWIN_B)
+
+
+def _torchvision_k400_converter(path: Path, fmt: str = "auto") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from torchvision.models.video import Swin3D_B_Weights
+
+    # torchvision's Kinetics-400 class names, in its logit order, shipped with torchvision itself.
+    classes = list(Swin3D_B_Weights.KINETICS400_V1.meta["categories"])
+    return convert_checkpoint(path, fmt, config=replace(SWIN_B, num_classes=400), classes=classes)
+
+
+VST_K600 = WeightsSpec(
+    name="vst-k600",
+    kind="backbone",
+    architecture="swin3d_b",
+    description="Video Swin-B, ImageNet-22K then Kinetics-600 (official release v1.0.4): the published AQA features",
+    source=OFFICIAL_URL,
+    # The release publishes no checksum. The size is pinned: 382,519,424 bytes of tensors (88,253,984 float32
+    # parameters with the 600-class head, 24 int64 relative_position_index buffers of 392x392) plus the
+    # container, as reported for a download of this URL; the sha256 is trusted on first use.
+    source_sha256="",
+    source_size=382_579_368,
+    convert=_convert_official,
+    url=OFFICIAL_URL,
+    formats=("mmcv", "torchvision"),
+    detect=detect_format,
+    labels_url=K600_LABELS_URL,
+    labels_sha256=K600_LABELS_SHA256,
+)
+
+def _torchvision_spec(name: str, description: str, url: str) -> WeightsSpec:
+    # torchvision names its files by the first 8 hex digits of their sha256: the pin it publishes.
+    return WeightsSpec(name=name, kind="backbone", architecture="swin3d_b", description=description, source=url,
+                       source_sha256=url.rsplit("-", 1)[1].removesuffix(".pth"), convert=_torchvision_k400_converter,
+                       url=url, formats=("torchvision",), detect=detect_format)
+
+
+SWIN3D_B_K400 = _torchvision_spec(
+    "swin3d-b-k400", "torchvision Swin3D_B_Weights.KINETICS400_V1 (ImageNet-1K then Kinetics-400, ported by torchvision)",
+    "https://download.pytorch.org/models/swin3d_b_1k-24f7c7c6.pth")
+SWIN3D_B_K400_IN22K = _torchvision_spec(
+    "swin3d-b-k400-in22k", "torchvision Swin3D_B_Weights.KINETICS400_IMAGENET22K_V1 (ImageNet-22K then Kinetics-400)",
+    "https://download.pytorch.org/models/swin3d_b_22k-7c6ae6fa.pth")
+
+WEIGHTS = (VST_K600, SWIN3D_B_K400, SWIN3D_B_K400_IN22K)
+
+BACKBONE = BackboneSpec(
+    name="vst",
+    description="Video Swin-B (Kinetics-600): final-LayerNorm map pooled to 1024-d per clip, GDLT recipe",
+    weights=VST_K600.name,
+    recipe=GDLT_RECIPE,
+    feature_dim=1024,
+    build=_build,
+)
