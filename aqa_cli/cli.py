@@ -186,7 +186,24 @@ def weights_list() -> None:
         t.add_column(col, overflow="fold")
     for s in list_specs():
         t.add_row(s.name, s.kind, s.source, s.describe_pin(), str(cached_path(s.name)) if is_cached(s.name) else "no")
+    from aqa_cli.fileio import sha256_file
+    from aqa_cli.heads.checkpoint import shipped_heads
+
+    for h in shipped_heads():
+        cv = _json_field(h.metadata, "cv")
+        what = f"{h.head} head, {h.metadata.get('preset') or h.target}" + (
+            f", {cv['folds']}-fold CV ρ {cv['mean_spearman']:.3f}" if cv else "")
+        t.add_row(h.path.stem, "head", f"{what} (shipped in weights/)", f"sha256 {sha256_file(h.path)}", str(h.path))
     out.print(t)
+
+
+def _json_field(meta: dict, key: str) -> dict:
+    import json as _json
+
+    try:
+        return _json.loads(meta.get(key, "{}")) or {}
+    except ValueError:
+        return {}
 
 
 class _DownloadBar:
@@ -256,13 +273,25 @@ def weights_import(
     path: Annotated[Path, typer.Argument(help="The downloaded checkpoint, or the archive that holds it.")],
     name: Annotated[str, typer.Option(help="Registry name it should become.")],
     format: Annotated[str, typer.Option("--format", help="auto (detect), or the checkpoint's format: mmcv (the "
-                                        "official Video Swin release), torchvision (a swin3d_b state dict).")] = "auto",
+                                        "official Video Swin release), torchvision (a swin3d_b state dict), "
+                                        "gdlt or cofinal (an official head state dict).")] = "auto",
     labels: Annotated[Optional[Path], typer.Option(help="Class names, one per line in logit order (the Kinetics-600 "
                                                         "release has none).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Head formats: where to write the converted head "
+                                                     "(default $AQA_HOME/weights/heads/NAME.safetensors).")] = None,
+    score_max: Annotated[float, typer.Option(help="Head formats: the official label normaliser (÷25).")] = 25.0,
+    label_column: Annotated[Optional[str], typer.Option("--target", help="Head formats: the target it scores, e.g. TES.")] = None,
 ) -> None:
-    """Import a checkpoint downloaded by hand (verified against the registry's pins)."""
-    from aqa_cli.weights import import_file
+    """Import a checkpoint downloaded by hand (verified against the registry's pins), or an official
+    GDLT / CoFInAl head checkpoint (--format gdlt|cofinal) into our head format."""
+    from aqa_cli.heads.checkpoint import OFFICIAL_FORMATS, import_official_head
+    from aqa_cli.weights import import_file, weights_dir
 
+    if format in OFFICIAL_FORMATS:
+        target = Path(out) if out else weights_dir() / "heads" / f"{name}.safetensors"
+        import_official_head(path, format, target, score_max=score_max, target=label_column or "")
+        err.print(f"imported {path} ({format}, scores ×{score_max:g}) → {target}", highlight=False)
+        return
     target = import_file(name, path, fmt=format, labels=labels)
     _report_installed(name, target)
 
@@ -295,6 +324,119 @@ def weights_verify() -> None:
             out.print(f"[red]DAMAGED[/red] {s.name}: {detail} — run `aqa weights fetch {s.name} --force`")
     if bad:
         raise typer.Exit(1)
+
+
+@app.command()
+def train(
+    features: Annotated[Path, typer.Option(help="Folder of <id>.npy clip features.")],
+    labels: Annotated[Path, typer.Option(help="Labels: CSV with a header, GDLT text (id TES PCS ded) or RG tab-separated.")],
+    target: Annotated[str, typer.Option(help="The label column to learn, e.g. TES or PCS.")],
+    head: Annotated[str, typer.Option(help="gdlt, cofinal or interp.")],
+    out_path: Annotated[Path, typer.Option("--out", help="Checkpoint to write (.safetensors); the log goes beside it (.log.json).")],
+    preset: Annotated[Optional[str], typer.Option(help="Dataset preset (scale, crop, the paper's settings), e.g. fisv-tes.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Override the preset's epochs.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation, dropout, crops, shuffling and folds.")] = 0,
+    folds: Annotated[int, typer.Option(min=0, help="K-fold cross-validation inside the data first (0: none).")] = 0,
+    final: Annotated[str, typer.Option(help="all: one model on every video; folds: ship the K fold models as an ensemble.")] = "all",
+    half: Annotated[bool, typer.Option(help="Store float16 tensors (half the file size).")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE over the preset's training or model settings (repeatable), e.g. --set lr=0.005.")] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Train a scoring head on clip features; optionally cross-validate it first."""
+    import json as _json
+
+    from rich.progress import Progress as _Progress
+
+    from aqa_cli.backbones import resolve_device
+    from aqa_cli.training import TrainJob, run_train_job
+
+    overrides = {}
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise AqaError(f"--set {item!r} is not KEY=VALUE", fix="e.g. --set lr=0.005")
+        try:
+            overrides[key.strip()] = _json.loads(value)
+        except ValueError:
+            overrides[key.strip()] = value
+    job = TrainJob(features=str(features), labels=str(labels), target=target, head=head, out=str(out_path), preset=preset,
+                   epochs=epochs, seed=seed, folds=folds, final=final, device=str(resolve_device(device)), half=half,
+                   overrides=overrides)
+    with _Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeElapsedColumn(), console=err, transient=False) as progress:
+        task = progress.add_task("training", total=None, info="")
+
+        def on_epoch(fold, epoch, rec):
+            where = f"fold {fold + 1}/{folds}" if fold is not None else "final"
+            info = f"loss {rec['loss']:.4f}" + (f"  val ρ {rec['val_spearman']:.3f}" if "val_spearman" in rec else "")
+            progress.update(task, description=f"{head} {where}", completed=epoch, total=job_epochs[0], info=info)
+            if not err.is_terminal and (epoch % 10 == 0 or epoch == job_epochs[0]):
+                # A log file gets a line every 10 epochs instead of a live bar.
+                err.print(f"{head} {where} epoch {epoch}/{job_epochs[0]}: {info}", highlight=False)
+
+        job_epochs = [epochs or 0]
+
+        def on_stage(name, done, total):
+            progress.update(task, description=name)
+
+        from aqa_cli.presets import load_preset
+        if epochs is None:
+            job_epochs[0] = (load_preset(preset).train_settings(head).get("epochs") if preset else None) or 200
+        log = run_train_job(job, on_epoch=on_epoch, on_stage=on_stage)
+    for note in log.get("notes", []):
+        err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    if "cv" in log:
+        cv = log["cv"]
+        table = Table(title=f"{folds}-fold cross-validation ({log['target']}, {log['n_videos']} videos)")
+        table.add_column("fold", justify="right")
+        table.add_column("videos", justify="right")
+        table.add_column("Spearman ρ", justify="right")
+        for k, (rho, n) in enumerate(zip(cv["fold_spearman"], cv["fold_sizes"]), start=1):
+            table.add_row(str(k), str(n), f"{rho:.3f}")
+        table.add_row("mean ± std", "", f"{cv['mean_spearman']:.3f} ± {cv['std_spearman']:.3f}", style="bold")
+        out.print(table)
+        out.print(f"out-of-fold: ρ {cv['oof']['spearman']:.3f}, Pearson {cv['oof']['pearson']:.3f}, "
+                  f"R-ℓ2×100 {cv['oof']['rl2_x100']:.3f}, MAE {cv['oof']['mae']:.2f}")
+    out.print(f"wrote {log['checkpoint']} ({log['train_seconds']:.0f} s) and its log "
+              f"{Path(log['checkpoint']).with_suffix('.log.json')}")
+
+
+@app.command()
+def evaluate(
+    features: Annotated[Path, typer.Option(help="Folder of <id>.npy clip features.")],
+    labels: Annotated[Path, typer.Option(help="Label file (CSV with a header, GDLT text or RG tab-separated).")],
+    weights: Annotated[list[Path], typer.Option(help="Head checkpoint(s); repeat for several.")],
+    target: Annotated[Optional[list[str]], typer.Option(help="Label column(s): one for all, one per --weights, or none for each checkpoint's own.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (a list for several).")] = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Spearman ρ, Pearson r, R-ℓ2×100 and MAE of trained heads on labelled features."""
+    import json as _json
+
+    from aqa_cli.backbones import resolve_device
+    from aqa_cli.evaluation import evaluate as run_evaluate
+
+    results, overall = run_evaluate(features, labels, list(weights), target, device=str(resolve_device(device)))
+    if json_out:
+        rows = [r.to_dict() for r in results]
+        payload = rows[0] if len(rows) == 1 else rows
+        if overall is not None:
+            payload = {"results": rows, "fisher_z_mean_spearman": overall}
+        print(_json.dumps(payload, indent=2))
+        return
+    for r in results:
+        for note in r.notes:
+            err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    table = Table(title=f"evaluation on {features}")
+    for col in ("weights", "head", "target", "n", "Spearman ρ", "Pearson r", "R-ℓ2×100", "MAE"):
+        table.add_column(col, justify="left" if col in ("weights", "head", "target") else "right")
+    for r in results:
+        m = r.metrics
+        table.add_row(r.weights.name, r.head, r.target, str(m["n"]), f"{m['spearman']:.3f}", f"{m['pearson']:.3f}",
+                      f"{m['rl2_x100']:.3f}", f"{m['mae']:.2f}")
+    out.print(table)
+    if overall is not None:
+        out.print(f"Fisher-z mean Spearman ρ: [bold]{overall:.3f}[/bold]")
 
 
 def main() -> None:

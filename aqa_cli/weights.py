@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
+import re
+import pickle
 import os
 import shutil
 import socket
@@ -39,6 +42,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -565,3 +569,87 @@ def verify(name: str) -> tuple[bool, str]:
     if sha != record.get("sha256"):
         return False, f"sha256 {sha[:16]}… differs from recorded {str(record.get('sha256'))[:16]}…"
     return True, sha
+
+
+# ------------------------------------------------------------------------ foreign PyTorch checkpoints
+
+def _numpy_data_globals() -> list:
+    """numpy classes that only rebuild plain data, allowed in a checkpoint's metadata.
+
+    mmcv writes training metadata (``meta``: versions, time, sometimes numpy
+    scores) beside the weights. Rebuilding a numpy scalar or array runs no user
+    code, so these are admitted; anything else (``os.system``, arbitrary
+    classes) is still refused by ``weights_only``.
+    """
+    import numpy as np
+
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray
+    allowed: list = [multiarray.scalar, multiarray._reconstruct, np.ndarray, np.dtype]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        allowed += [getattr(dtypes, n) for n in dtypes.__all__ if isinstance(getattr(dtypes, n), type)]
+    return allowed
+
+
+def load_torch_checkpoint(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)``, with one-line refusals for unsafe or damaged files.
+
+    Zip-format checkpoints (every torch.save since PyTorch 1.6) are memory-mapped,
+    so sniffing the format and converting do not hold a second copy in memory.
+    """
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(_numpy_data_globals()):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                # A legacy (pre-1.6) file cannot be mapped; read it whole.
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        found = re.findall(r"GLOBAL ([\w.]+)", text) or re.findall(r"got <class '([\w.]+)'>", text) \
+            or _foreign_globals(path)
+        if found:
+            raise WeightsError(f"refused: the file asks to load {found[0]}, which could run code, and a "
+                               "checkpoint needs only tensors", path=path,
+                               fix="this is not a plain checkpoint; do not load it") from None
+        raise WeightsError(f"not a readable PyTorch checkpoint ({_first_line(text)})", path=path,
+                           fix="download it again") from None
+    except (RuntimeError, EOFError, ValueError, KeyError, OSError, zipfile.BadZipFile, IndexError,
+            AttributeError, TypeError) as exc:
+        raise WeightsError(f"not a readable PyTorch checkpoint, truncated or damaged ({type(exc).__name__}: "
+                           f"{_first_line(str(exc))})", path=path, fix="download it again") from None
+
+
+def _foreign_globals(path: Path) -> list[str]:
+    """Globals other than torch's own that a (non-zip) pickle names, read without executing it.
+
+    torch's weights-only unpickler stops at the first opcode it does not know,
+    before it reaches the global that tells the user why the file is dangerous;
+    pickletools only lists opcodes, so it can name it safely.
+    """
+    import pickletools
+
+    found: list[str] = []
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as fh:
+            for op, arg, _ in pickletools.genops(fh):
+                if isinstance(arg, str) and "UNICODE" in op.name:
+                    strings.append(arg)
+                elif op.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # noqa: BLE001 - not a pickle at all: nothing to name
+        return []
+    return [g for g in found if not g.startswith(("torch.", "collections.OrderedDict", "_codecs."))]
+
+
+def _first_line(text: str) -> str:
+    return " ".join(text.split(". ")[0].split())[:100] or "no detail"

@@ -1,0 +1,57 @@
+"""``aqa evaluate``: a trained head against labelled features, with the figures AQA papers report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aqa_cli.dataset import load_feature_set, read_labels
+from aqa_cli.errors import AqaError
+from aqa_cli.heads.checkpoint import load_head
+from aqa_cli.metrics import fisher_z_mean, report
+from aqa_cli.training import predict
+
+
+@dataclass
+class Evaluation:
+    weights: Path
+    target: str
+    head: str
+    metrics: dict[str, float]
+    predictions: dict[str, float]
+    notes: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"weights": str(self.weights), "head": self.head, "target": self.target, **self.metrics,
+                "notes": self.notes}
+
+
+def evaluate(features: str | Path, labels: str | Path, weights: list[str | Path], targets: list[str] | None = None,
+             *, device: str = "cpu") -> tuple[list[Evaluation], float | None]:
+    """Evaluate each checkpoint on its target (``targets`` pairs with ``weights``, or one target serves all,
+    or none: each checkpoint's own). Returns the evaluations and, for several, the Fisher-z mean ρ."""
+    if not weights:
+        raise AqaError("no --weights given", fix="pass one or more head checkpoints (.safetensors)")
+    targets = list(targets or [])
+    if len(targets) not in (0, 1, len(weights)):
+        raise AqaError(f"{len(targets)} targets for {len(weights)} checkpoints",
+                       fix="give one --target, one per --weights, or none to use each checkpoint's own")
+    lab = read_labels(labels)
+    results = []
+    for i, w in enumerate(weights):
+        loaded = load_head(w, device=device)
+        target = targets[i] if len(targets) == len(weights) else (targets[0] if targets else loaded.target)
+        if not target:
+            raise AqaError("the checkpoint records no target", path=w, fix="pass --target")
+        data = load_feature_set(features, lab, target)
+        loaded.check_features(data.features, data.ids, data.feature_dir, data.contract)
+        pred = predict(loaded.model, data.features, device=device)
+        results.append(Evaluation(weights=Path(w), target=data.target_name, head=loaded.head,
+                                  metrics=report(pred, data.targets),
+                                  predictions={vid: float(p) for vid, p in zip(data.ids, np.round(pred, 4))},
+                                  notes=data.notes))
+    overall = fisher_z_mean([r.metrics["spearman"] for r in results]) if len(results) > 1 else None
+    return results, overall

@@ -1,0 +1,212 @@
+"""Head checkpoints: safetensors with the metadata that makes a score meaningful.
+
+A checkpoint holds one head or an ensemble of heads of one kind (``members.<k>.``
+prefixes), and records in its metadata: the head and its config, the preset,
+target and score scale, the feature contract (backbone, feature size, recipe),
+the sha256 of the training data, the seed, the epochs and training settings, the
+cross-validation figures and the package version.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from aqa_cli import __version__
+from aqa_cli.errors import AqaError, FeatureError, WeightsError
+from aqa_cli.heads import Head, HeadOutput, create_head
+
+CHECKPOINT_FORMAT = "aqa-head/1"
+
+
+class HeadEnsemble(nn.Module):
+    """The mean of several heads' scores, with explanations that still add up.
+
+    With member weights w_kt and scores s_kt: w_t = mean_k w_kt and
+    s_t = Σ_k w_kt·s_kt / Σ_k w_kt, so Σ_t w_t·s_t = mean_k Σ_t w_kt·s_kt exactly;
+    additive terms are averaged.
+    """
+
+    def __init__(self, members: list[Head]):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        self.config = members[0].config
+        self.name = members[0].name
+
+    def forward(self, features: Tensor, mask: Tensor | None = None) -> HeadOutput:
+        outs = [m(features, mask) for m in self.members]
+        if len(outs) == 1:
+            return outs[0]
+        w = torch.stack([o.weights for o in outs])  # [K, B, T]
+        ws = torch.stack([o.weights * o.clip_scores for o in outs]).sum(0)
+        wsum = w.sum(0)
+        clip_scores = torch.where(wsum > 0, ws / wsum.clamp_min(torch.finfo(ws.dtype).tiny), torch.zeros_like(ws))
+        additive = {k: torch.stack([o.additive[k] for o in outs]).mean(0) for k in outs[0].additive}
+        member_scores = torch.stack([o.score for o in outs], dim=1)
+        return HeadOutput(score=member_scores.mean(1), weights=w.mean(0), clip_scores=clip_scores,
+                          additive=additive, extras={"member_scores": member_scores})
+
+
+@dataclass
+class LoadedHead:
+    path: Path
+    model: nn.Module  # a Head or a HeadEnsemble, in eval mode
+    head: str
+    metadata: dict[str, str]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return json.loads(self.metadata["config"])
+
+    @property
+    def contract(self) -> dict[str, Any]:
+        return json.loads(self.metadata.get("contract", "{}"))
+
+    @property
+    def target(self) -> str:
+        return self.metadata.get("target", "")
+
+    @property
+    def members(self) -> int:
+        return int(self.metadata.get("members", "1"))
+
+    def check_features(self, features: list, ids: list[str], folder: Path, contract: dict | None = None) -> None:
+        """Refuse features that break the checkpoint's contract, naming the folder and the count."""
+        want = int(self.config["in_dim"])
+        wrong = [i for i, f in zip(ids, features) if f.shape[1] != want]
+        if wrong:
+            raise FeatureError(f"{len(wrong)} of {len(ids)} feature file(s) are {features[ids.index(wrong[0])].shape[1]}-d "
+                               f"(e.g. {wrong[0]}.npy) but {self.path.name} expects {want}-d", path=folder,
+                               fix=f"extract them with --backbone {self.contract.get('backbone', '?')}")
+        have = (contract or {}).get("backbone", {}).get("name")
+        need = self.contract.get("backbone")
+        if have and need and have != need:
+            raise FeatureError(f"features come from the {have} backbone but {self.path.name} was trained on {need} "
+                               f"features", path=folder, fix=f"extract them with --backbone {need}")
+
+    def to(self, device: torch.device | str) -> LoadedHead:
+        self.model.to(device)
+        return self
+
+
+def save_head(path: str | Path, members: list[Head], metadata: dict[str, Any], *, half: bool = False) -> Path:
+    """Write ``members`` (one head or an ensemble) with ``metadata``; ``half`` stores float16 tensors."""
+    from aqa_cli.weights import save_safetensors
+
+    path = Path(path)
+    tensors: dict[str, Tensor] = {}
+    for k, member in enumerate(members):
+        for name, t in member.state_dict().items():
+            t = t.detach().cpu()
+            if half and t.is_floating_point():
+                t = t.half()
+            tensors[f"members.{k}.{name}"] = t.contiguous()
+    meta = {"format": CHECKPOINT_FORMAT, "head": members[0].name, "config": members[0].config.to_json(),
+            "members": str(len(members)), "storage": "float16" if half else "float32", "aqa_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    for key, value in metadata.items():
+        meta[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(tensors, path, meta)
+    return path
+
+
+def load_head(path: str | Path, *, device: torch.device | str = "cpu") -> LoadedHead:
+    """Load a head checkpoint written by :func:`save_head`, in eval mode, as float32."""
+    from aqa_cli.weights import read_safetensors
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError("head checkpoint not found", path=path,
+                           fix="give a .safetensors file written by `aqa train` (see weights/README.md)")
+    tensors, meta = read_safetensors(path)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise WeightsError(f"not an aqa head checkpoint (format {meta.get('format')!r})", path=path,
+                           fix="train one with `aqa train`, or import an official one with `aqa weights import`")
+    try:
+        n = int(meta["members"])
+        members = []
+        for k in range(n):
+            head = create_head(meta["head"], json.loads(meta["config"]))
+            prefix = f"members.{k}."
+            state = {name[len(prefix):]: t.float() if t.is_floating_point() else t
+                     for name, t in tensors.items() if name.startswith(prefix)}
+            head.load_state_dict(state, strict=True)
+            members.append(head.eval())
+    except (KeyError, ValueError, RuntimeError, AqaError) as exc:
+        raise WeightsError(f"does not fit its recorded head ({' '.join(str(exc).split())[:160]})", path=path,
+                           fix="re-train it or download it again") from None
+    model = members[0] if n == 1 else HeadEnsemble(members)
+    model.eval().requires_grad_(False).to(device)
+    return LoadedHead(path=path, model=model, head=meta["head"], metadata=meta)
+
+
+OFFICIAL_FORMATS = ("gdlt", "cofinal")
+
+
+def import_official_head(path: str | Path, fmt: str, out: str | Path, *, score_max: float = 25.0,
+                         target: str = "", **config_args: Any) -> Path:
+    """An official GDLT or CoFInAl ``state_dict`` checkpoint → our head checkpoint.
+
+    The file is read with ``torch.load(weights_only=True)``. Parameter names are the
+    official ones, so the state loads unchanged; the scale defaults to the official
+    normaliser (labels ÷ 25), so our score is the official output × 25.
+    ``config_args`` passes what shapes cannot tell (e.g. CoFInAl's ``activation``).
+    """
+    from aqa_cli.weights import load_torch_checkpoint
+
+    path = Path(path)
+    if fmt not in OFFICIAL_FORMATS:
+        raise WeightsError(f"unknown head format {fmt!r}", path=path, fix=f"use one of: {', '.join(OFFICIAL_FORMATS)}")
+    state = load_torch_checkpoint(path)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise WeightsError("does not hold a state dict of tensors", path=path,
+                           fix=f"pass the .pkl/.pth that the official {fmt} code saved with torch.save")
+    if fmt == "gdlt":
+        from aqa_cli.heads import gdlt as module
+    else:
+        from aqa_cli.heads import cofinal as module
+    try:
+        config = module.config_from_official(state, score_max=score_max, **config_args)
+        head = create_head(fmt, config)
+        missing, unexpected = head.load_state_dict(module.state_dict_from_official(state), strict=False)
+    except (KeyError, IndexError, ValueError, RuntimeError, AqaError) as exc:
+        raise WeightsError(f"is not an official {fmt} checkpoint ({' '.join(str(exc).split())[:160]})", path=path,
+                           fix=f"pass a checkpoint saved by the official {fmt} repository") from None
+    if missing or unexpected:
+        names = [f"missing {k}" for k in missing[:3]] + [f"unexpected {k}" for k in unexpected[:3]]
+        raise WeightsError(f"keys do not match the official {fmt} model: {', '.join(names)}"
+                           f"{' …' if len(missing) + len(unexpected) > 6 else ''}", path=path,
+                           fix=f"pass a checkpoint saved by the official {fmt} repository")
+    from aqa_cli.fileio import sha256_file
+
+    meta = {"target": target, "source": str(path.name), "source_sha256": sha256_file(path),
+            "source_format": fmt, "scale": {"score_min": config.score_min, "score_max": config.score_max},
+            "contract": {"backbone": "vst", "feature_dim": config.in_dim}}
+    return save_head(out, [head.eval()], meta)
+
+
+def shipped_dir() -> Path:
+    """The repository's ``weights/`` folder, where the trained heads ship."""
+    return Path(__file__).resolve().parents[2] / "weights"
+
+
+def shipped_heads() -> list[LoadedHead]:
+    """The trained heads in ``weights/`` (those that load; a damaged one is skipped here and refused when used)."""
+    found = []
+    for path in sorted(shipped_dir().glob("*.safetensors")):
+        try:
+            found.append(load_head(path))
+        except AqaError:
+            continue
+    return found

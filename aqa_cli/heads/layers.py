@@ -1,0 +1,59 @@
+"""Transformer pieces the heads share, exposing the attention maps their explanations are made of."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def decoder_layer(layer: nn.TransformerDecoderLayer, tgt: Tensor, memory: Tensor,
+                  memory_key_padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """One post-norm ``nn.TransformerDecoderLayer`` step that also returns its attention maps.
+
+    torch's own forward discards the maps; this recomputes the same layer from its
+    submodules: (output [B, Q, d], self-attention [B, Q, Q], cross-attention [B, Q, T]),
+    maps averaged over heads. Padded memory positions get zero cross-attention.
+    """
+    if layer.norm_first:
+        raise ValueError("decoder_layer expects a post-norm layer (norm_first=False)")
+    sa_out, sa_map = layer.self_attn(tgt, tgt, tgt, need_weights=True, average_attn_weights=True)
+    x = layer.norm1(tgt + layer.dropout1(sa_out))
+    ca_out, ca_map = layer.multihead_attn(x, memory, memory, key_padding_mask=memory_key_padding_mask,
+                                          need_weights=True, average_attn_weights=True)
+    x = layer.norm2(x + layer.dropout2(ca_out))
+    ff = layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))
+    x = layer.norm3(x + layer.dropout3(ff))
+    return x, sa_map, ca_map
+
+
+def encoder(d_model: int, nhead: int, num_layers: int, dim_feedforward: int, dropout: float) -> nn.TransformerEncoder:
+    """A post-norm encoder stack with a final LayerNorm, as ``nn.Transformer`` builds it."""
+    layer = nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation=F.relu, batch_first=True)
+    # Nested tensors would take a different numerical path for padded batches than for single videos.
+    return nn.TransformerEncoder(layer, num_layers, norm=nn.LayerNorm(d_model), enable_nested_tensor=False)
+
+
+def clip_projection(in_dim: int, hidden_dim: int) -> nn.Sequential:
+    """GDLT's input projection, Conv1d in → in/2 → hidden with BatchNorm (CoFInAl keeps it): names
+    ``0``, ``1``, ``3``, ``4`` as in both official repositories."""
+    return nn.Sequential(
+        nn.Conv1d(in_dim, in_dim // 2, kernel_size=1),
+        nn.BatchNorm1d(in_dim // 2),
+        nn.ReLU(),
+        nn.Conv1d(in_dim // 2, hidden_dim, kernel_size=1),
+        nn.BatchNorm1d(hidden_dim),
+    )
+
+
+def grade_transformer(d_model: int, nhead: int, num_encoder: int, num_decoder: int, dim_feedforward: int,
+                      dropout: float) -> nn.Module:
+    """An encoder over the clips and a decoder for the grade queries, under the official ``transformer.encoder``
+    / ``transformer.decoder`` names, Xavier-initialised as ``nn.Transformer`` does."""
+    module = nn.Module()
+    module.encoder = encoder(d_model, nhead, num_encoder, dim_feedforward, dropout)
+    layer = nn.TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, batch_first=True)
+    module.decoder = nn.TransformerDecoder(layer, num_decoder, norm=nn.LayerNorm(d_model))
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+    return module

@@ -1,0 +1,334 @@
+"""Training and cross-validation of scoring heads on clip features.
+
+Training follows the long-term AQA protocol: each epoch takes one random crop
+of ``crop`` consecutive clips per video (shorter videos are padded and
+masked), batches them, and steps an SGD/AdamW optimiser under a cosine
+schedule; evaluation runs on the full sequences. There is no early stopping
+and no epoch picking on held-out data: a run trains for its fixed number of
+epochs and the last weights are the model. Settings are compared by K-fold
+cross-validation inside the training data.
+
+Everything random (initialisation, dropout, crops, shuffling, folds) flows
+from one seed, so the same seed, data and settings give the same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from aqa_cli.dataset import FeatureSet
+from aqa_cli.errors import AqaError
+from aqa_cli.heads import Head, HeadConfig, create_head, dataclass_from_dict, head_class
+from aqa_cli.metrics import report, spearman
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 200
+    batch_size: int = 32
+    optimizer: str = "sgd"  # sgd, adam or adamw
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"  # cosine (to lr × lr_min_factor) or constant
+    lr_min_factor: float = 0.01
+    crop: int = 124  # consecutive clips per training crop; 0 = whole sequences
+    eval_every: int = 10  # epochs between held-out evaluations during cross-validation (logged, never used to pick)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainSettings:
+        return dataclass_from_dict(cls, values, "training settings")
+
+
+# One callback for progress: (fold or None, epoch (1-based), {"loss": ..., "val_rho": ...}).
+EpochCallback = Callable[[int | None, int, dict[str, float]], None]
+
+
+@dataclass
+class FitResult:
+    head: Head
+    history: list[dict[str, float]]
+    seconds: float
+
+
+@dataclass
+class CVResult:
+    folds: int
+    fold_rhos: list[float]
+    fold_sizes: list[int]
+    oof_predictions: np.ndarray  # every video's prediction by the fold model that did not see it
+    heads: list[Head]
+    histories: list[list[dict[str, float]]]
+    seconds: float
+    assignment: np.ndarray  # fold index per video
+    oof_report: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mean_rho(self) -> float:
+        return float(np.mean(self.fold_rhos))
+
+    @property
+    def std_rho(self) -> float:
+        return float(np.std(self.fold_rhos, ddof=1)) if len(self.fold_rhos) > 1 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {"folds": self.folds, "fold_spearman": self.fold_rhos, "fold_sizes": self.fold_sizes,
+                "mean_spearman": self.mean_rho, "std_spearman": self.std_rho, "oof": self.oof_report,
+                "seconds": self.seconds}
+
+
+def set_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def _batch(features: list[np.ndarray], crop: int, rng: np.random.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop (random start when ``rng`` is given) or pad to a common length, with the real-clip mask."""
+    pieces = []
+    for f in features:
+        if crop and len(f) > crop:
+            start = int(rng.integers(0, len(f) - crop + 1)) if rng is not None else (len(f) - crop) // 2
+            f = f[start:start + crop]
+        pieces.append(f)
+    length = max(len(p) for p in pieces)
+    x = np.zeros((len(pieces), length, pieces[0].shape[1]), dtype=np.float32)
+    mask = np.zeros((len(pieces), length), dtype=bool)
+    for i, p in enumerate(pieces):
+        x[i, :len(p)] = p
+        mask[i, :len(p)] = True
+    return torch.from_numpy(x), torch.from_numpy(mask)
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, features: list[np.ndarray], *, device: torch.device | str = "cpu",
+            batch_size: int = 8) -> np.ndarray:
+    """Scores of full sequences, batched by similar length (padding is masked, so batching does not
+    change a score)."""
+    model.eval()
+    order = np.argsort([len(f) for f in features], kind="stable")
+    out = np.empty(len(features), dtype=np.float64)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        x, mask = _batch([features[j] for j in idx], 0, None)
+        res = model(x.to(device), mask.to(device))
+        out[idx] = res.score.double().cpu().numpy()
+    return out
+
+
+def _optimizer(params, s: TrainSettings) -> torch.optim.Optimizer:
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    if s.optimizer == "adam":
+        return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
+    if s.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    raise AqaError(f"unknown optimizer {s.optimizer!r}", fix="use sgd, adam or adamw")
+
+
+def _lr_at(epoch: int, s: TrainSettings) -> float:
+    if s.schedule == "constant":
+        return s.lr
+    if s.schedule != "cosine":
+        raise AqaError(f"unknown schedule {s.schedule!r}", fix="use cosine or constant")
+    lo = s.lr * s.lr_min_factor
+    return lo + 0.5 * (s.lr - lo) * (1 + math.cos(math.pi * epoch / max(s.epochs, 1)))
+
+
+def fit(head_name: str, config: HeadConfig | dict, data: FeatureSet, settings: TrainSettings, *, seed: int = 0,
+        device: str | torch.device = "cpu", val: FeatureSet | None = None, fold: int | None = None,
+        on_epoch: EpochCallback | None = None) -> FitResult:
+    """Train a fresh head on ``data`` for exactly ``settings.epochs`` epochs."""
+    device = torch.device(device)
+    set_seed(seed)
+    head = create_head(head_name, config).to(device)
+    if data.feature_dim != head.config.in_dim:
+        raise AqaError(f"features are {data.feature_dim}-d but the {head_name} head is configured for "
+                       f"{head.config.in_dim}-d", path=data.feature_dir, fix="set the head's in_dim to match")
+    rng = np.random.default_rng(seed)
+    opt = _optimizer(head.parameters(), settings)
+    targets = torch.as_tensor(data.targets, dtype=torch.float32)
+    history: list[dict[str, float]] = []
+    start = time.perf_counter()
+    for epoch in range(settings.epochs):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(epoch, settings)
+        head.train()
+        order = rng.permutation(len(data))
+        sums: dict[str, float] = {}
+        seen = 0
+        for i in range(0, len(order), settings.batch_size):
+            idx = order[i:i + settings.batch_size]
+            if len(idx) < 2 and len(order) > 1:
+                continue  # BatchNorm needs two samples; a lone leftover video is seen again next epoch
+            x, mask = _batch([data.features[j] for j in idx], settings.crop, rng)
+            out = head(x.to(device), mask.to(device))
+            loss, parts = head.loss(out, targets[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for k, v in {"loss": float(loss.detach()), **parts}.items():
+                sums[k] = sums.get(k, 0.0) + v * len(idx)
+            seen += len(idx)
+        record = {k: v / max(seen, 1) for k, v in sums.items()}
+        record["epoch"] = epoch + 1
+        record["lr"] = _lr_at(epoch, settings)
+        last = epoch + 1 == settings.epochs
+        if val is not None and (last or (settings.eval_every and (epoch + 1) % settings.eval_every == 0)):
+            record["val_spearman"] = spearman(predict(head, val.features, device=device), val.targets)
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(fold, epoch + 1, record)
+    head.eval()
+    return FitResult(head=head, history=history, seconds=time.perf_counter() - start)
+
+
+def fold_assignment(targets: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Folds stratified by score: videos sorted by target (ties broken at random) are dealt out in turn,
+    so every fold spans the whole range and fold estimates vary less."""
+    n = len(targets)
+    if folds < 2 or folds > n:
+        raise AqaError(f"--folds {folds} does not fit {n} videos", fix="use 2 ≤ folds ≤ number of videos")
+    rng = np.random.default_rng(seed)
+    jitter = rng.permutation(n)
+    order = np.lexsort((jitter, targets))
+    assign = np.empty(n, dtype=np.int64)
+    for block in range(0, n, folds):
+        members = order[block:block + folds]
+        assign[members] = rng.permutation(folds)[:len(members)]
+    return assign
+
+
+def cross_validate(head_name: str, config: HeadConfig | dict, data: FeatureSet, settings: TrainSettings, *,
+                   folds: int = 5, seed: int = 0, device: str | torch.device = "cpu",
+                   on_epoch: EpochCallback | None = None) -> CVResult:
+    """K-fold cross-validation inside ``data``; fold k's model is trained with seed + k."""
+    assign = fold_assignment(data.targets, folds, seed)
+    start = time.perf_counter()
+    oof = np.empty(len(data), dtype=np.float64)
+    rhos, sizes, heads, histories = [], [], [], []
+    for k in range(folds):
+        train_idx = np.flatnonzero(assign != k)
+        val_idx = np.flatnonzero(assign == k)
+        val = data.subset(val_idx)
+        res = fit(head_name, config, data.subset(train_idx), settings, seed=seed + k, device=device, val=val,
+                  fold=k, on_epoch=on_epoch)
+        pred = predict(res.head, val.features, device=device)
+        oof[val_idx] = pred
+        rhos.append(spearman(pred, val.targets))
+        sizes.append(len(val_idx))
+        heads.append(res.head)
+        histories.append(res.history)
+    result = CVResult(folds=folds, fold_rhos=rhos, fold_sizes=sizes, oof_predictions=oof, heads=heads,
+                      histories=histories, seconds=time.perf_counter() - start, assignment=assign)
+    result.oof_report = report(oof, data.targets)
+    return result
+
+
+def config_for(head_name: str, values: dict[str, Any]) -> HeadConfig:
+    return head_class(head_name).config_class.from_dict(values)
+
+
+@dataclass
+class TrainJob:
+    """Everything ``aqa train`` does, callable from Python: CV (optional), the final model, the files."""
+
+    features: str
+    labels: str
+    target: str
+    head: str
+    out: str
+    preset: str | None = None
+    epochs: int | None = None
+    seed: int = 0
+    folds: int = 0
+    final: str = "all"  # "all": one model trained on every video; "folds": the fold models as an ensemble
+    device: str = "cpu"
+    half: bool = False  # store float16 tensors (half the size; scores change by < 1e-3 points)
+    overrides: dict[str, Any] = field(default_factory=dict)  # train/model settings over the preset's
+
+
+def run_train_job(job: TrainJob, *, on_epoch: EpochCallback | None = None,
+                  on_stage: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Train, cross-validate and save; returns the training log (also written beside the checkpoint)."""
+    from pathlib import Path
+
+    from aqa_cli.dataset import load_feature_set
+    from aqa_cli.fileio import write_json
+    from aqa_cli.heads.checkpoint import save_head
+    from aqa_cli.presets import load_preset
+
+    head_class(job.head)  # an unknown head fails before any data is read
+    if job.final not in ("all", "folds"):
+        raise AqaError(f"unknown --final {job.final!r}", fix="use all or folds")
+    if job.final == "folds" and job.folds < 2:
+        raise AqaError("--final folds ships the cross-validation models", fix="add --folds K (K ≥ 2)")
+    preset = load_preset(job.preset) if job.preset else None
+    data = load_feature_set(job.features, job.labels, job.target,
+                            expected_dim=preset.feature_dim if preset else None)
+    train_values = preset.train_settings(job.head) if preset else {}
+    model_values = preset.model_settings(job.head) if preset else {
+        "in_dim": data.feature_dim, "score_min": float(min(data.targets.min(), 0.0)),
+        "score_max": float(data.targets.max() * 1.1)}
+    if preset:
+        train_values.setdefault("crop", preset.train_clips)
+    for key, value in job.overrides.items():
+        (train_values if key in {f.name for f in dataclasses.fields(TrainSettings)} else model_values)[key] = value
+    if job.epochs is not None:
+        train_values["epochs"] = job.epochs
+    settings = TrainSettings.from_dict(train_values)
+    config = config_for(job.head, model_values)
+    log: dict[str, Any] = {
+        "head": job.head, "preset": job.preset, "target": data.target_name, "seed": job.seed,
+        "features": str(job.features), "labels": str(job.labels), "n_videos": len(data),
+        "data_sha256": data.fingerprint(), "train_settings": dataclasses.asdict(settings),
+        "config": json.loads(config.to_json()), "notes": data.notes, "torch_threads": torch.get_num_threads(),
+    }
+    cv = None
+    stages = (job.folds if job.folds >= 2 else 0) + (1 if job.final == "all" else 0)
+    if job.folds >= 2:
+        if on_stage:
+            on_stage("cross-validation", 0, stages)
+        cv = cross_validate(job.head, config, data, settings, folds=job.folds, seed=job.seed, device=job.device,
+                            on_epoch=on_epoch)
+        log["cv"] = cv.summary()
+        log["cv_histories"] = cv.histories
+    if job.final == "all":
+        if on_stage:
+            on_stage("final model on all videos", stages - 1, stages)
+        res = fit(job.head, config, data, settings, seed=job.seed, device=job.device, on_epoch=on_epoch)
+        members, seconds, history = [res.head], res.seconds, res.history
+        log["history"] = history
+    else:
+        members, seconds = cv.heads, cv.seconds
+    train_pred = predict(members[0] if len(members) == 1 else _ensemble(members), data.features, device=job.device)
+    log["train_fit"] = report(train_pred, data.targets)  # in-sample: a sanity check, not an estimate
+    log["train_seconds"] = seconds
+    log["total_seconds"] = seconds + (cv.seconds if cv is not None and job.final == "all" else 0.0)
+    contract = {"backbone": (preset.backbone if preset else data.contract.get("backbone", {}).get("name")),
+                "feature_dim": data.feature_dim, "recipe": data.contract.get("recipe", {}).get("name")}
+    scale = {"score_min": config.score_min, "score_max": config.score_max,
+             "unit": preset.unit if preset else "points"}
+    metadata = {"preset": job.preset or "", "target": data.target_name, "scale": scale, "contract": contract,
+                "data_sha256": log["data_sha256"], "n_videos": str(len(data)), "seed": str(job.seed),
+                "epochs": str(settings.epochs), "train_settings": log["train_settings"], "final": job.final,
+                "cv": log.get("cv", {}), "train_seconds": f"{log['total_seconds']:.1f}"}
+    out = Path(job.out)
+    save_head(out, members, metadata, half=job.half)
+    log["checkpoint"] = str(out)
+    write_json(out.with_suffix(".log.json"), log)
+    return log
+
+
+def _ensemble(members: list[Head]) -> torch.nn.Module:
+    from aqa_cli.heads.checkpoint import HeadEnsemble
+
+    return HeadEnsemble(members)

@@ -1,0 +1,73 @@
+"""Print the table of shipped heads in weights/README.md from their training logs (weights/*.log.json).
+
+    python bench/weights_table.py            # the heads in weights/
+    python bench/weights_table.py RUN_DIR    # any folder of `aqa train` outputs
+
+Every figure comes from a log written by `aqa train`; nothing is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FOLDER = REPO / "weights"
+
+
+def checkpoint_meta(log: dict) -> dict:
+    from safetensors import safe_open
+
+    ck = FOLDER / Path(log["checkpoint"]).name
+    with safe_open(str(ck), framework="pt") as fh:
+        return dict(fh.metadata() or {})
+
+
+def command(log: dict) -> str:
+    t = log["train_settings"]
+    meta = checkpoint_meta(log)
+    args = ["aqa", "train", "--features", "../shared/data/fisv/features", "--labels", "../shared/data/fisv/train.csv",
+            "--target", log["target"], "--head", log["head"]]
+    if log.get("preset"):
+        args += ["--preset", log["preset"]]
+    args += ["--epochs", str(t["epochs"]), "--folds", str(log.get("cv", {}).get("folds", 0)), "--seed", str(log["seed"])]
+    if meta.get("final") == "folds":
+        args += ["--final", "folds"]
+    if meta.get("storage") == "float16":
+        args += ["--half"]
+    args += ["--device", "cpu", "--out", f"weights/{Path(log['checkpoint']).name}"]
+    env = f"OMP_NUM_THREADS={log['torch_threads']} " if log.get("torch_threads") else ""
+    return env + " ".join(shlex.quote(a) for a in args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    global FOLDER
+    argv = sys.argv[1:] if argv is None else argv
+    FOLDER = Path(argv[0]) if argv else REPO / "weights"
+    logs = sorted(FOLDER.glob("*.log.json"))
+    print("| file | head | target | CV folds | CV ρ per fold | CV ρ mean ± std | out-of-fold ρ / R-ℓ2×100 / MAE "
+          "| members | MB | training time |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for path in logs:
+        log = json.loads(path.read_text())
+        cv = log.get("cv", {})
+        ck = FOLDER / Path(log["checkpoint"]).name
+        size = ck.stat().st_size / 1e6 if ck.is_file() else float("nan")
+        members = int(checkpoint_meta(log).get("members", 1))
+        folds = " ".join(f"{r:.3f}" for r in cv.get("fold_spearman", []))
+        oof = cv.get("oof", {})
+        print(f"| `{ck.name}` | {log['head']} | {log['target']} | {cv.get('folds', '-')} | {folds} | "
+              f"{cv.get('mean_spearman', float('nan')):.3f} ± {cv.get('std_spearman', float('nan')):.3f} | "
+              f"{oof.get('spearman', float('nan')):.3f} / {oof.get('rl2_x100', float('nan')):.2f} / "
+              f"{oof.get('mae', float('nan')):.2f} | {members} | {size:.1f} | "
+              f"{log['total_seconds'] / 60:.1f} min ({log.get('torch_threads', '?')} thread) |")
+    print()
+    for path in logs:
+        print(f"- `{Path(json.loads(path.read_text())['checkpoint']).name}`: `{command(json.loads(path.read_text()))}`")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""The trained heads in weights/: their metadata, and their cross-validation figures reproduced from the files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from aqa_cli.dataset import load_feature_set
+from aqa_cli.heads.checkpoint import load_head, shipped_dir
+from aqa_cli.metrics import spearman
+from aqa_cli.training import fold_assignment, predict
+
+SHIPPED = sorted(shipped_dir().glob("fisv-*.safetensors"))
+
+
+def test_weights_folder_stays_small():
+    total = sum(p.stat().st_size for p in shipped_dir().glob("*") if p.is_file())
+    assert total < 120e6, f"weights/ holds {total / 1e6:.0f} MB, over the 120 MB budget"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_head_reproduces_its_cross_validation(path, shared):
+    """Each fold model of a shipped ensemble, on the videos it never saw, gives the ρ its metadata records."""
+    loaded = load_head(path)
+    meta = loaded.metadata
+    cv = json.loads(meta["cv"])
+    contract = json.loads(meta["contract"])
+    assert contract == {"backbone": "vst", "feature_dim": 1024, "recipe": None}
+    assert meta["preset"] == path.stem.rsplit("-", 1)[0] and meta["target"] in ("TES", "PCS")
+    data = load_feature_set(shared / "data" / "fisv" / "features", shared / "data" / "fisv" / "train.csv",
+                            meta["target"])
+    assert data.fingerprint() == meta["data_sha256"], "trained on other data than ../shared/data/fisv"
+    if meta.get("final") != "folds":
+        pytest.skip("a single model: its CV figures come from models that were not shipped")
+    members = list(loaded.model.members)
+    assign = fold_assignment(data.targets, cv["folds"], int(meta["seed"]))
+    for k, member in enumerate(members):
+        held_out = data.subset(np.flatnonzero(assign == k))
+        rho = spearman(predict(member, held_out.features), held_out.targets)
+        # float16 storage moves scores by < 1e-2 points; ρ by at most a rank swap or two.
+        assert rho == pytest.approx(cv["fold_spearman"][k], abs=0.01), f"fold {k + 1}"
