@@ -25,6 +25,26 @@ def checkpoint_meta(log: dict) -> dict:
         return dict(fh.metadata() or {})
 
 
+def overrides(log: dict) -> dict:
+    """Settings of the run that differ from what its preset and head give today: they need a --set."""
+    sys.path.insert(0, str(REPO))
+    from aqa_cli.heads import head_class
+    from aqa_cli.presets import load_preset
+    from aqa_cli.training import TrainSettings
+
+    if not log.get("preset"):
+        return {}
+    preset = load_preset(log["preset"])
+    model = {**vars(head_class(log["head"]).config_class()), **preset.model_settings(log["head"])}
+    train = {**vars(TrainSettings()), **preset.train_settings(log["head"]), "crop": preset.train_clips}
+    defaults = vars(head_class(log["head"]).config_class())
+    diff = {k: v for k, v in log["config"].items() if model.get(k) != v}
+    # A setting newer than the run: the run had the head's default.
+    diff.update({k: defaults[k] for k in model if k not in log["config"] and model[k] != defaults[k]})
+    diff.update({k: v for k, v in log["train_settings"].items() if k != "epochs" and train.get(k) != v})
+    return diff
+
+
 def command(log: dict) -> str:
     t = log["train_settings"]
     meta = checkpoint_meta(log)
@@ -33,13 +53,14 @@ def command(log: dict) -> str:
     if log.get("preset"):
         args += ["--preset", log["preset"]]
     args += ["--epochs", str(t["epochs"]), "--folds", str(log.get("cv", {}).get("folds", 0)), "--seed", str(log["seed"])]
+    args += [f"--set {k}={json.dumps(v)}" for k, v in overrides(log).items()]
     if meta.get("final") == "folds":
         args += ["--final", "folds"]
     if meta.get("storage") == "float16":
         args += ["--half"]
     args += ["--device", "cpu", "--out", f"weights/{Path(log['checkpoint']).name}"]
     env = f"OMP_NUM_THREADS={log['torch_threads']} " if log.get("torch_threads") else ""
-    return env + " ".join(shlex.quote(a) for a in args)
+    return env + " ".join(a if a.startswith("--set ") else shlex.quote(a) for a in args)
 
 
 def main(argv: list[str] | None = None) -> int:

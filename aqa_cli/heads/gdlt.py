@@ -41,6 +41,9 @@ class GDLTConfig(HeadConfig):
     ffn_factor: int = 3  # FFN width = 3 × hidden (768), as published
     alpha: float = 1.0  # weight of the triplet loss
     margin: float = 1.0  # triplet margin (cosine distance)
+    # Weight of the MSE on the [0, 1] scale. The official code regresses labels ÷ 25; a wider scale (Fis-V TES
+    # needs 0–50) shrinks the MSE against the triplet term by (50/25)² = 4, and the head then barely fits.
+    mse_weight: float = 1.0
 
 
 class GDLT(Head):
@@ -78,7 +81,7 @@ class GDLT(Head):
                                   "cross_attention": cross, "embeddings": q})
 
     def loss(self, out: HeadOutput, target: Tensor) -> tuple[Tensor, dict[str, float]]:
-        mse = F.mse_loss(self.normalise(out.score), self.normalise(target))
+        mse = self.config.mse_weight * F.mse_loss(self.normalise(out.score), self.normalise(target))
         emb = out.extras["embeddings"]
         labels = torch.arange(emb.shape[1], device=emb.device).repeat(emb.shape[0])
         tri = hardest_triplet_loss(emb.reshape(-1, emb.shape[-1]), labels, self.config.margin)
