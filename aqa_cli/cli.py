@@ -345,8 +345,6 @@ def train(
     """Train a scoring head on clip features; optionally cross-validate it first."""
     import json as _json
 
-    from rich.progress import Progress as _Progress
-
     from aqa_cli.backbones import resolve_device
     from aqa_cli.training import TrainJob, run_train_job
 
@@ -362,26 +360,21 @@ def train(
     job = TrainJob(features=str(features), labels=str(labels), target=target, head=head, out=str(out_path), preset=preset,
                    epochs=epochs, seed=seed, folds=folds, final=final, device=str(resolve_device(device)), half=half,
                    overrides=overrides)
-    with _Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                    TimeElapsedColumn(), console=err, transient=False) as progress:
         task = progress.add_task("training", total=None, info="")
 
         def on_epoch(fold, epoch, rec):
             where = f"fold {fold + 1}/{folds}" if fold is not None else "final"
             info = f"loss {rec['loss']:.4f}" + (f"  val ρ {rec['val_spearman']:.3f}" if "val_spearman" in rec else "")
-            progress.update(task, description=f"{head} {where}", completed=epoch, total=job_epochs[0], info=info)
-            if not err.is_terminal and (epoch % 10 == 0 or epoch == job_epochs[0]):
+            progress.update(task, description=f"{head} {where}", completed=epoch, total=rec["of"], info=info)
+            if not err.is_terminal and (epoch % 10 == 0 or epoch == rec["of"]):
                 # A log file gets a line every 10 epochs instead of a live bar.
-                err.print(f"{head} {where} epoch {epoch}/{job_epochs[0]}: {info}", highlight=False)
-
-        job_epochs = [epochs or 0]
+                err.print(f"{head} {where} epoch {epoch}/{rec['of']}: {info}", highlight=False)
 
         def on_stage(name, done, total):
             progress.update(task, description=name)
 
-        from aqa_cli.presets import load_preset
-        if epochs is None:
-            job_epochs[0] = (load_preset(preset).train_settings(head).get("epochs") if preset else None) or 200
         log = run_train_job(job, on_epoch=on_epoch, on_stage=on_stage)
     for note in log.get("notes", []):
         err.print(f"[yellow]note:[/yellow] {note}", highlight=False)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from aqa_cli.dataset import load_feature_set, read_labels
+from aqa_cli.dataset import FeatureSet, load_feature_set, read_labels
 from aqa_cli.errors import AqaError
 from aqa_cli.heads.checkpoint import load_head
 from aqa_cli.metrics import fisher_z_mean, report
@@ -40,13 +40,16 @@ def evaluate(features: str | Path, labels: str | Path, weights: list[str | Path]
         raise AqaError(f"{len(targets)} targets for {len(weights)} checkpoints",
                        fix="give one --target, one per --weights, or none to use each checkpoint's own")
     lab = read_labels(labels)
+    datasets: dict[str, FeatureSet] = {}  # one read of the features per target, however many checkpoints
     results = []
     for i, w in enumerate(weights):
         loaded = load_head(w, device=device)
         target = targets[i] if len(targets) == len(weights) else (targets[0] if targets else loaded.target)
         if not target:
             raise AqaError("the checkpoint records no target", path=w, fix="pass --target")
-        data = load_feature_set(features, lab, target)
+        data = datasets.get(lab.column(target))
+        if data is None:
+            data = datasets[lab.column(target)] = load_feature_set(features, lab, target)
         loaded.check_features(data.features, data.ids, data.feature_dir, data.contract)
         pred = predict(loaded.model, data.features, device=device)
         results.append(Evaluation(weights=Path(w), target=data.target_name, head=loaded.head,

@@ -49,7 +49,7 @@ class TrainSettings:
         return dataclass_from_dict(cls, values, "training settings")
 
 
-# One callback for progress: (fold or None, epoch (1-based), {"loss": ..., "val_rho": ...}).
+# One callback for progress: (fold or None, epoch (1-based), the epoch's log record plus "of", the epochs in all).
 EpochCallback = Callable[[int | None, int, dict[str, float]], None]
 
 
@@ -186,7 +186,7 @@ def fit(head_name: str, config: HeadConfig | dict, data: FeatureSet, settings: T
             record["val_spearman"] = spearman(predict(head, val.features, device=device), val.targets)
         history.append(record)
         if on_epoch is not None:
-            on_epoch(fold, epoch + 1, record)
+            on_epoch(fold, epoch + 1, {**record, "of": settings.epochs})
     head.eval()
     return FitResult(head=head, history=history, seconds=time.perf_counter() - start)
 
