@@ -301,6 +301,9 @@ def run_train_job(job: TrainJob, *, on_epoch: EpochCallback | None = None,
                             on_epoch=on_epoch)
         log["cv"] = cv.summary()
         log["cv_histories"] = cv.histories
+        # Out-of-fold predictions by video, so runs sharing the folds (same seed and data) can be compared and
+        # combined without retraining.
+        log["cv_oof"] = {vid: float(p) for vid, p in zip(data.ids, cv.oof_predictions)}
     if job.final == "all":
         if on_stage:
             on_stage("final model on all videos", stages - 1, stages)

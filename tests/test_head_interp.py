@@ -298,3 +298,23 @@ def test_bad_config_is_rejected():
         InterpHead(InterpConfig(**{**SMALL, "hidden_dim": 30}))
     with pytest.raises(ValueError):
         InterpHead(InterpConfig(**{**SMALL, "query_std": 0.0}))
+
+
+def test_local_window_reads_only_nearby_clips_and_pads_cleanly():
+    from aqa_cli.heads import create_head
+    from test_heads import SMALL, batch
+
+    torch.manual_seed(0)
+    head = create_head("interp", {**SMALL["interp"], "local_window": 1}).eval()
+    x, mask = batch([12, 7, 9])
+    with torch.no_grad():
+        out = head(x, mask)
+        alone = head(x[1:2, :7], mask[1:2, :7])
+    cross = out.extras["cross_attention"][:, :, :7, :7]
+    far = (torch.arange(7)[:, None] - torch.arange(7)[None, :]).abs() > 1
+    assert torch.all(cross[1][:, far] == 0), "query t read a clip outside t ± 1"
+    torch.testing.assert_close(out.score[1:2], alone.score, atol=1e-5, rtol=0)
+    recon = (out.weights * out.clip_scores).sum(1)
+    torch.testing.assert_close(recon, out.score, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="local_window"):
+        create_head("interp", {**SMALL["interp"], "local_window": -1})

@@ -7,7 +7,8 @@ from torch import Tensor, nn
 
 
 def decoder_layer(layer: nn.TransformerDecoderLayer, tgt: Tensor, memory: Tensor,
-                  memory_key_padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                  memory_key_padding_mask: Tensor | None = None,
+                  memory_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One post-norm ``nn.TransformerDecoderLayer`` step that also returns its attention maps.
 
     torch's own forward discards the maps; this recomputes the same layer from its
@@ -19,6 +20,7 @@ def decoder_layer(layer: nn.TransformerDecoderLayer, tgt: Tensor, memory: Tensor
     sa_out, sa_map = layer.self_attn(tgt, tgt, tgt, need_weights=True, average_attn_weights=True)
     x = layer.norm1(tgt + layer.dropout1(sa_out))
     ca_out, ca_map = layer.multihead_attn(x, memory, memory, key_padding_mask=memory_key_padding_mask,
+                                          attn_mask=memory_mask,
                                           need_weights=True, average_attn_weights=True)
     x = layer.norm2(x + layer.dropout2(ca_out))
     ff = layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))
