@@ -84,7 +84,7 @@ from torch import Tensor, nn
 
 from aqa_cli.errors import AqaError
 from aqa_cli.heads import Head, HeadConfig, HeadOutput, attention_decomposition, check_inputs
-from aqa_cli.heads.layers import clip_projection, decoder_layer, grade_transformer
+from aqa_cli.heads.layers import ClipProjection, decoder_layer, grade_transformer
 
 FINE_HEADS = ("paper", "official")
 
@@ -193,7 +193,7 @@ class CoFInAl(Head):
     def __init__(self, config: CoFInAlConfig):
         super().__init__(config)
         c = config
-        self.in_proj = clip_projection(c.in_dim, c.hidden_dim)
+        self.in_proj = ClipProjection(c.in_dim, c.hidden_dim)
         self.transformer = grade_transformer(c.hidden_dim, c.n_head, c.n_encoder, c.n_decoder,
                                              c.ffn_factor * c.hidden_dim, c.dropout)
         self.tfm = ProcedureFusion(c.hidden_dim, c.n_procedures) if c.n_procedures > 0 else None
@@ -225,7 +225,7 @@ class CoFInAl(Head):
         mask = check_inputs(features, mask, c.in_dim)
         pad = ~mask
         b = features.shape[0]
-        x = self.in_proj(features.transpose(1, 2)).transpose(1, 2)
+        x = self.in_proj(features)
         clips = self.transformer.encoder(x, src_key_padding_mask=pad)
 
         # TFM: procedures from clips (or, with P = 0, the clips themselves).

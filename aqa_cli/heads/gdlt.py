@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aqa_cli.heads import Head, HeadConfig, HeadOutput, attention_decomposition, check_inputs
-from aqa_cli.heads.layers import clip_projection, decoder_layer, grade_transformer
+from aqa_cli.heads.layers import ClipProjection, decoder_layer, grade_transformer
 
 
 @dataclass
@@ -53,7 +53,7 @@ class GDLT(Head):
     def __init__(self, config: GDLTConfig):
         super().__init__(config)
         c = config
-        self.in_proj = clip_projection(c.in_dim, c.hidden_dim)
+        self.in_proj = ClipProjection(c.in_dim, c.hidden_dim)
         self.transformer = grade_transformer(c.hidden_dim, c.n_head, c.n_encoder, c.n_decoder,
                                              c.ffn_factor * c.hidden_dim, c.dropout)
         self.prototype = nn.Embedding(c.n_grades, c.hidden_dim)
@@ -63,7 +63,7 @@ class GDLT(Head):
     def forward(self, features: Tensor, mask: Tensor | None = None) -> HeadOutput:
         mask = check_inputs(features, mask, self.config.in_dim)
         pad = ~mask
-        x = self.in_proj(features.transpose(1, 2)).transpose(1, 2)
+        x = self.in_proj(features)
         memory = self.transformer.encoder(x, src_key_padding_mask=pad)
         q = self.prototype.weight.unsqueeze(0).expand(features.shape[0], -1, -1)
         cross = None
