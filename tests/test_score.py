@@ -172,6 +172,23 @@ def test_a_demonstration_model_says_so_and_sidecarless_features_need_a_backbone(
     assert_sums_back(obj)
 
 
+def test_the_cache_returns_what_was_put_and_drops_damaged_entries(tmp_path):
+    cache = FeatureCache(tmp_path)
+    key = "ab" + "0" * 62
+    feats = np.arange(8, dtype=np.float32).reshape(2, 4)
+    sidecar = {"format": "aqa-features/1", "shape": [2, 4], "clips": []}
+    assert cache.get(key) is None
+    cache.put(key, feats, sidecar)
+    got, side = cache.get(key)
+    assert np.array_equal(got, feats) and side["cache_key"] == key
+    npy, js = cache.paths(key)
+    npy.write_bytes(npy.read_bytes()[:-4] + b"\x00\x00\x80\x3f")  # 7.0 becomes 1.0: still a valid array
+    assert cache.get(key) is None and not npy.exists() and not js.exists()
+    cache.put(key, feats, sidecar)
+    js.write_text(js.read_text().replace(key, "cd" + "0" * 62))  # an entry filed under another key
+    assert cache.get(key) is None and not npy.exists()
+
+
 def test_folders_are_taken_recursively_with_sidecars_and_hidden_files_left_out(tmp_path):
     (tmp_path / "sub").mkdir()
     for name in ("a.mp4", "notes.txt", "sub/f.npy", "sub/f.json", "sub/other.json", ".hidden.mp4", "out.csv"):
