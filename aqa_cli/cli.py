@@ -7,6 +7,7 @@ Every command calls into the library (``aqa_cli.extract``, ``aqa_cli.weights``
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import time
@@ -53,7 +54,7 @@ def info() -> None:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("python", platform.python_version())
-    for pkg in ("torch", "torchvision", "pytorchvideo", "numpy", "typer", "rich", "pandas", "safetensors"):
+    for pkg in ("torch", "torchvision", "pytorchvideo", "numpy", "typer", "rich", "pandas", "safetensors", "matplotlib"):
         table.add_row(pkg, _version(pkg))
     if torch.cuda.is_available():
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
@@ -174,6 +175,196 @@ def extract_features(
         for o in failed:
             err.print(f"  {o.error}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
+
+
+@app.command()
+def score(
+    inputs: Annotated[list[Path], typer.Argument(help="Videos, feature files (.npy with their .json sidecar), or "
+                                                      "folders, taken recursively.")],
+    preset: Annotated[Optional[str], typer.Option(help="Dataset preset: the target and its scale "
+                                                       "(default fisv-pcs, or the --weights checkpoint's).")] = None,
+    head: Annotated[Optional[str], typer.Option(help="gdlt, cofinal or interp (default: the preset's shipped head "
+                                                     "with the best cross-validated ρ).")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="A head checkpoint (.safetensors) instead of a shipped "
+                                                         "one.")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="Feature extractor (default: the one in the head's "
+                                                         "feature contract).")] = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON (one object per video, a list for several) "
+                                                          "instead of tables.")] = False,
+    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Write one row per video (and head).")] = None,
+    clips_csv: Annotated[Optional[Path], typer.Option("--clips-csv", help="Write one row per clip.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG timeline of clip weights and scores "
+                                                      "(several videos: one file each, named after the video).")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="Write one self-contained HTML page: totals, timelines and "
+                                                        "the heaviest clips' frames.")] = None,
+    all_heads: Annotated[bool, typer.Option("--all-heads", help="Score with every shipped head of the preset and "
+                                                                "show how far they agree.")] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the feature cache "
+                                                              "($AQA_HOME/features).")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Clips per backbone forward pass.")] = 4,
+    decoder: Annotated[str, typer.Option(help="auto (decord, else PyAV), decord or pyav.")] = "auto",
+) -> None:
+    """Score videos: the total on the sport's scale, and each clip's weight and score behind it."""
+    import json as _json
+
+    from aqa_cli.cache import FeatureCache
+    from aqa_cli.report import (
+        clips_frame, json_payload, plot_paths, primary_results, scores_frame, write_csv, write_plot, write_report,
+    )
+    from aqa_cli.scoring import Scorer, ScoreEvents, choose_heads, find_inputs, head_agreement
+
+    choice = choose_heads(preset, head, weights, all_heads=all_heads)
+    for note in choice.notes:
+        err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    outputs = [p for p in (csv_path, clips_csv, plot, report) if p is not None]
+    paths = find_inputs(inputs, exclude=outputs)
+    if not paths:
+        raise AqaError("nothing to score in " + ", ".join(map(str, inputs)),
+                       fix="pass videos, feature files, or folders holding them")
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=err, transient=True)
+
+    class Events(ScoreEvents):
+        def __init__(self) -> None:
+            self.inputs = progress.add_task("inputs", total=len(paths))
+            self.clips = progress.add_task("clips", total=None, visible=False)
+
+        def input_started(self, path: Path) -> None:
+            progress.reset(self.clips, total=None, description=f"[dim]{path.name}[/dim]", visible=False)
+
+        def backbone_loading(self, name: str) -> None:
+            progress.update(self.clips, description=f"[dim]loading the {name} backbone ({device}, {precision})…[/dim]",
+                            visible=True)
+
+        def clips_planned(self, path: Path, clips: int) -> None:
+            progress.update(self.clips, total=clips, visible=True)
+
+        def clips_done(self, n: int) -> None:
+            progress.advance(self.clips, n)
+
+        def input_finished(self, results) -> None:  # noqa: ANN001 - list[VideoScore]
+            progress.advance(self.inputs)
+            for r in results:
+                if not r.ok:
+                    progress.console.print(f"[red]FAILED[/red] {r.error}", highlight=False, soft_wrap=True)
+
+    scorer = Scorer(choice, backbone=backbone, device=device, precision=precision,
+                    cache=None if no_cache else FeatureCache(), batch_size=batch_size, decoder=decoder, events=Events())
+    with progress:
+        results = scorer.score_all(paths)
+    agreement = head_agreement(results) if len(choice.heads) > 1 else None
+
+    written = []
+    if csv_path is not None:
+        written.append(write_csv(csv_path, scores_frame(results)))
+    if clips_csv is not None:
+        written.append(write_csv(clips_csv, clips_frame(results)))
+    if plot is not None:
+        placed = plot_paths(plot, results)
+        written.extend(write_plot(path, r) for path, r in placed)
+        if not placed:
+            err.print("[yellow]note:[/yellow] no video was scored, so no timeline was plotted", highlight=False)
+    if report is not None:
+        written.append(write_report(report, results, agreement=agreement))
+
+    if json_out:
+        print(_json.dumps(json_payload(results), indent=2, allow_nan=False))
+    else:
+        for r in primary_results(results):
+            _render_score(r)
+        if agreement is not None:
+            _render_agreement(agreement)
+        if len(paths) > 1:
+            _render_batch(results)
+    for path in written:
+        err.print(f"wrote {path}", highlight=False)
+    bad = [r for r in results if not r.ok]
+    if bad:
+        err.print(f"[red]{len({str(r.input) for r in bad})} of {len(paths)} input(s) failed:[/red]")
+        for r in bad:
+            err.print(f"  {r.error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def _render_score(r) -> None:  # noqa: ANN001 - a VideoScore
+    from aqa_cli.report import format_range, format_total, heaviest, highlight_count, lowest_scoring
+
+    top = {c.index for c in heaviest(r.clips, highlight_count(len(r.clips)))}
+    low = lowest_scoring(r.clips)
+    table = Table(title=f"{r.input} · {r.head_label}", title_justify="left")
+    table.add_column("clip", justify="right")
+    table.add_column("time")
+    table.add_column("weight", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("w·s", justify="right")
+    table.add_column("")
+    for c in r.clips:
+        marks, style = [], None
+        if c.index in top:
+            marks.append("★ heaviest")
+            style = "bold yellow"
+        if low is not None and c.index == low.index:
+            marks.append("▼ lowest score")
+            style = style or "red"
+        table.add_row(str(c.index), format_range(c), f"{c.weight:.3f}", f"{c.score:.2f}", f"{c.contribution:.2f}",
+                      ", ".join(marks), style=style)
+    out.print(table)
+    out.print(f"[bold]Total: {format_total(r)}[/bold]", highlight=False)
+    if r.additive:
+        weighted = sum(c.contribution for c in r.clips)
+        terms = " ".join(f"+ {k} {v:.2f}" for k, v in r.additive.items())
+        out.print(f"  = Σ w·s {weighted:.2f} {terms}", highlight=False)
+    grades = r.extras.get("grades")
+    if grades:
+        out.print("  grade probabilities: " + " · ".join(f"{g['value']:.1f}: {100 * g['prob']:.0f}%" for g in grades),
+                  highlight=False)
+    if r.extras.get("member_scores"):
+        out.print("  ensemble members: " + " ".join(f"{s:.2f}" for s in r.extras["member_scores"]), highlight=False)
+    cv = f", CV ρ {r.cv_spearman:.3f}" if r.cv_spearman is not None else ""
+    members = f", {r.members}-model ensemble" if r.members > 1 else ""
+    out.print(f"  preset {r.preset or 'none'} · head {r.head} ({r.head_path.name if r.head_path else '?'}{members}{cv})"
+              f" · backbone {r.backbone} (features from {r.features_source})", highlight=False, style="dim")
+    if r.demonstration:
+        out.print(f"  [yellow]{r.demonstration}[/yellow]: a demonstration model, not a judge-calibrated score",
+                  highlight=False)
+    for w in r.warnings:
+        out.print(f"  [yellow]warning[/yellow] {w}", highlight=False)
+
+
+def _render_agreement(agreement: dict) -> None:
+    heads = agreement["heads"]
+    # Shipped heads share the preset prefix (fisv-pcs-gdlt, fisv-pcs-interp): the columns show what differs.
+    prefix = os.path.commonprefix(heads) if len(heads) > 1 else ""
+    prefix = prefix[: prefix.rfind("-") + 1]
+    table = Table(title=f"agreement between heads{f' ({prefix}…)' if prefix else ''}", title_justify="left")
+    table.add_column("input", overflow="fold")
+    for h in heads:
+        table.add_column(h[len(prefix):], justify="right")
+    table.add_column("spread (% of scale)", justify="right")
+    table.add_column("same top clip")
+    for v in agreement["videos"]:
+        table.add_row(Path(v["video"]).name, *[f"{v['scores'][h]:.2f}" if h in v["scores"] else "–" for h in heads],
+                      f"{v['spread']:.2f} ({100 * v['spread_of_scale']:.0f}%)",
+                      "yes" if v["heaviest_clip_agrees"] else "no")
+    out.print(table)
+    for p in agreement["pairwise_spearman"]:
+        out.print(f"  Spearman ρ {p['heads'][0]} vs {p['heads'][1]}: {p['spearman']:.3f} over {p['n']} inputs",
+                  highlight=False)
+
+
+def _render_batch(results) -> None:  # noqa: ANN001 - list[VideoScore]
+    from aqa_cli.report import format_total
+
+    table = Table(title="summary", title_justify="left")
+    for col in ("input", "head", "score", "status"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(str(r.input), r.head_label, format_total(r) if r.ok else "–",
+                      "[green]ok[/green]" if r.ok else f"[red]failed[/red]: {r.error}")
+    out.print(table)
 
 
 @weights_app.command("list")

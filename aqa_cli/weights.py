@@ -164,6 +164,21 @@ def is_cached(name: str) -> bool:
     return cached_path(name).is_file() and _record_path(name).is_file()
 
 
+def recorded_sha256(name: str) -> str | None:
+    """The sha256 recorded when cached weights ``name`` were converted (None when not cached).
+
+    It identifies the weights without reading them: :func:`load_weights` refuses a file that no
+    longer matches it, so features keyed by it were made with exactly these weights.
+    """
+    if not is_cached(name):
+        return None
+    try:
+        sha = json.loads(_record_path(name).read_text(encoding="utf-8")).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return sha if isinstance(sha, str) and len(sha) == 64 else None
+
+
 def save_safetensors(tensors: dict[str, torch.Tensor], target: Path, metadata: dict[str, str]) -> str:
     """Write tensors with string metadata atomically; return the file's sha256."""
     from safetensors.torch import save_file

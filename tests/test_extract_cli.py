@@ -32,7 +32,7 @@ def assert_no_partial_files(folder):
 def test_help_lists_every_command():
     res = run_aqa("--help")
     assert res.returncode == 0
-    for command in ("info", "extract-features", "weights"):
+    for command in ("info", "score", "extract-features", "weights"):
         assert command in res.stdout
 
 

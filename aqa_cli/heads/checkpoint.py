@@ -10,6 +10,7 @@ cross-validation figures and the package version.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +52,14 @@ class HeadEnsemble(nn.Module):
         clip_scores = torch.where(wsum > 0, ws / wsum.clamp_min(torch.finfo(ws.dtype).tiny), torch.zeros_like(ws))
         additive = {k: torch.stack([o.additive[k] for o in outs]).mean(0) for k in outs[0].additive}
         member_scores = torch.stack([o.score for o in outs], dim=1)
+        extras: dict[str, Tensor] = {"member_scores": member_scores}
+        # Members share one config, hence the same grade values: the mean of their grade
+        # probabilities is the ensemble's distribution over those values.
+        if all("grade_probs" in o.extras and "grade_values" in o.extras for o in outs):
+            extras["grade_probs"] = torch.stack([o.extras["grade_probs"] for o in outs]).mean(0)
+            extras["grade_values"] = outs[0].extras["grade_values"]
         return HeadOutput(score=member_scores.mean(1), weights=w.mean(0), clip_scores=clip_scores,
-                          additive=additive, extras={"member_scores": member_scores})
+                          additive=additive, extras=extras)
 
 
 @dataclass
@@ -78,6 +85,73 @@ class LoadedHead:
     def members(self) -> int:
         return int(self.metadata.get("members", "1"))
 
+    @property
+    def preset(self) -> str:
+        return self.metadata.get("preset", "")
+
+    @property
+    def cv_spearman(self) -> float | None:
+        """The mean cross-validated Spearman ρ recorded at training, if any."""
+        try:
+            value = json.loads(self.metadata.get("cv", "{}") or "{}").get("mean_spearman")
+        except (ValueError, AttributeError):
+            return None
+        return float(value) if isinstance(value, (int, float)) else None
+
+    @property
+    def scale(self) -> dict[str, Any]:
+        """{score_min, score_max, unit}: the metadata's, else the config's range."""
+        try:
+            scale = json.loads(self.metadata.get("scale", "{}") or "{}")
+        except ValueError:
+            scale = {}
+        config = self.config
+        return {"score_min": float(scale.get("score_min", config.get("score_min", 0.0))),
+                "score_max": float(scale.get("score_max", config.get("score_max", 1.0))),
+                "unit": str(scale.get("unit", "points"))}
+
+    @property
+    def demonstration(self) -> str | None:
+        """The note of a head marked as a demonstration model (metadata ``demonstration``), else None."""
+        note = self.metadata.get("demonstration", "")
+        if note.lower() in ("", "false", "0", "no", "null"):
+            return None
+        return "demonstration model" if note.lower() in ("true", "1", "yes") else note
+
+    def required_features(self) -> dict[str, Any]:
+        """The contract with its gaps filled: {backbone, feature_dim, recipe (a name)}.
+
+        A null recipe means the backbone's default recipe: the Fis-V features the first heads
+        were trained on carry no sidecar, but they were made with the backbone's published recipe.
+        """
+        contract = self.contract
+        backbone = contract.get("backbone")
+        recipe = contract.get("recipe")
+        if isinstance(recipe, dict):
+            recipe = recipe.get("name")
+        if recipe is None and backbone:
+            from aqa_cli.backbones import get_backbone_spec
+
+            try:
+                recipe = get_backbone_spec(backbone).recipe.name
+            except AqaError:
+                recipe = None
+        dim = contract.get("feature_dim", self.config.get("in_dim"))
+        return {"backbone": backbone, "feature_dim": None if dim is None else int(dim), "recipe": recipe}
+
+    def check_contract(self, backbone: str | None, recipe: str | None, where: str | Path) -> None:
+        """Refuse features from another backbone or recipe than the head was trained on."""
+        need = self.required_features()
+        if backbone and need["backbone"] and backbone != need["backbone"]:
+            raise FeatureError(f"features come from the {backbone} backbone but {self.path.name} was trained on "
+                               f"{need['backbone']} features", path=where,
+                               fix=f"use --backbone {need['backbone']}: score the video itself, or extract its features "
+                                   f"with `aqa extract-features --backbone {need['backbone']}`")
+        if recipe and need["recipe"] and recipe != need["recipe"]:
+            raise FeatureError(f"features follow the {recipe} recipe but {self.path.name} was trained on the "
+                               f"{need['recipe']} recipe", path=where,
+                               fix=f"use --backbone {need['backbone']} with its default recipe ({need['recipe']})")
+
     def check_features(self, features: list, ids: list[str], folder: Path, contract: dict | None = None) -> None:
         """Refuse features that break the checkpoint's contract, naming the folder and the count."""
         want = int(self.config["in_dim"])
@@ -86,11 +160,8 @@ class LoadedHead:
             raise FeatureError(f"{len(wrong)} of {len(ids)} feature file(s) are {features[ids.index(wrong[0])].shape[1]}-d "
                                f"(e.g. {wrong[0]}.npy) but {self.path.name} expects {want}-d", path=folder,
                                fix=f"extract them with --backbone {self.contract.get('backbone', '?')}")
-        have = (contract or {}).get("backbone", {}).get("name")
-        need = self.contract.get("backbone")
-        if have and need and have != need:
-            raise FeatureError(f"features come from the {have} backbone but {self.path.name} was trained on {need} "
-                               f"features", path=folder, fix=f"extract them with --backbone {need}")
+        self.check_contract((contract or {}).get("backbone", {}).get("name"),
+                            (contract or {}).get("recipe", {}).get("name"), folder)
 
     def to(self, device: torch.device | str) -> LoadedHead:
         self.model.to(device)
@@ -197,8 +268,12 @@ def import_official_head(path: str | Path, fmt: str, out: str | Path, *, score_m
 
 
 def shipped_dir() -> Path:
-    """The repository's ``weights/`` folder, where the trained heads ship."""
-    return Path(__file__).resolve().parents[2] / "weights"
+    """The repository's ``weights/`` folder, where the trained heads ship.
+
+    ``AQA_WEIGHTS_DIR`` points it elsewhere (tests and private deployments decide there what "shipped" means).
+    """
+    override = os.environ.get("AQA_WEIGHTS_DIR")
+    return Path(override) if override else Path(__file__).resolve().parents[2] / "weights"
 
 
 def shipped_heads() -> list[LoadedHead]:

@@ -26,7 +26,15 @@ class Preset:
     feature_dim: int
     backbone: str
     heads: dict[str, Any] = field(default_factory=dict)
+    # A preset for a demonstration model (synthetic data, not a real sport): true, or a note to show with scores.
+    demonstration: bool | str = False
     path: Path | None = None
+
+    @property
+    def demonstration_note(self) -> str | None:
+        if not self.demonstration:
+            return None
+        return self.demonstration if isinstance(self.demonstration, str) else "demonstration model"
 
     def train_settings(self, head: str) -> dict[str, Any]:
         return dict(self.heads.get(head, {}).get("train", {}))

@@ -1,0 +1,336 @@
+"""What ``aqa score`` writes: JSON objects, CSV tables, a PNG timeline and an HTML report.
+
+Every file is written to a temporary name and renamed (:mod:`aqa_cli.fileio`), so
+a run that is killed or fails never leaves half a file where a finished one was.
+The HTML report is one self-contained page (images inlined as base64) that can be
+mailed or opened offline: the total, the timeline, and the middle frame of each
+of the most heavily weighted clips.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aqa_cli.errors import AqaError
+from aqa_cli.fileio import atomic_write
+from aqa_cli.scoring import ClipScore, VideoScore
+
+TOP_CLIPS = 5
+# Colours of the timeline: ordinary clips' weights, the heaviest clips' weights, clip scores.
+WEIGHT_COLOUR = "#4c72b0"
+TOP_COLOUR = "#dd8452"
+SCORE_COLOUR = "#2a9d55"
+
+
+# ------------------------------------------------------------------------------------------------ text forms
+
+
+def format_time(seconds: float) -> str:
+    """mm:ss, rounded to the nearest second."""
+    total = int(round(max(seconds, 0.0)))
+    return f"{total // 60:02d}:{total % 60:02d}"
+
+
+def format_range(clip: ClipScore) -> str:
+    return f"{format_time(clip.start_s)}–{format_time(clip.end_s)}"
+
+
+def format_total(result: VideoScore, digits: int = 1) -> str:
+    """"31.4 / 40 points" (a scale not starting at 0 shows its range)."""
+    lo, hi, unit = result.scale.get("min", 0.0), result.scale.get("max"), result.scale.get("unit", "points")
+    if hi is None:
+        return f"{result.score:.{digits}f} {unit}"
+    if lo:
+        return f"{result.score:.{digits}f} {unit} (scale {lo:g} to {hi:g})"
+    return f"{result.score:.{digits}f} / {hi:g} {unit}"
+
+
+def heaviest(clips: Sequence[ClipScore], k: int = TOP_CLIPS) -> list[ClipScore]:
+    """The ``k`` clips with the largest weights, heaviest first (ties: earlier first)."""
+    return sorted(clips, key=lambda c: (-c.weight, c.index))[:k]
+
+
+def highlight_count(n_clips: int) -> int:
+    """How many of the heaviest clips to highlight: a few, and never most of a short video."""
+    return min(3, max(1, n_clips // 4))
+
+
+def lowest_scoring(clips: Sequence[ClipScore]) -> ClipScore | None:
+    """The clip with the lowest score among those the head gives any weight."""
+    weighted = [c for c in clips if c.weight > 0] or list(clips)
+    return min(weighted, key=lambda c: (c.score, c.index)) if weighted else None
+
+
+def json_payload(results: Sequence[VideoScore]) -> dict | list:
+    """One object for one result, a list for several."""
+    rows = [r.to_dict() for r in results]
+    return rows[0] if len(rows) == 1 else rows
+
+
+# ------------------------------------------------------------------------------------------------ CSV
+
+
+def scores_frame(results: Sequence[VideoScore]):  # -> pandas.DataFrame
+    import pandas as pd
+
+    rows = [{"path": str(r.input), "status": r.status, "score": r.score if r.ok else None,
+             "score_min": r.scale.get("min"), "score_max": r.scale.get("max"), "unit": r.scale.get("unit"),
+             "head": r.head_label, "preset": r.preset, "backbone": r.backbone, "clips": len(r.clips) if r.ok else None,
+             "features": r.features_source or None, "error": r.error} for r in results]
+    columns = ["path", "status", "score", "score_min", "score_max", "unit", "head", "preset", "backbone", "clips",
+               "features", "error"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def clips_frame(results: Sequence[VideoScore]):  # -> pandas.DataFrame
+    import pandas as pd
+
+    rows = [{"path": str(r.input), "head": r.head_label, "preset": r.preset, "clip": c.index, "start_s": c.start_s,
+             "end_s": c.end_s, "weight": c.weight, "score": c.score, "contribution": c.contribution}
+            for r in results if r.ok for c in r.clips]
+    columns = ["path", "head", "preset", "clip", "start_s", "end_s", "weight", "score", "contribution"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def write_csv(path: str | Path, frame) -> Path:  # noqa: ANN001 - a pandas.DataFrame
+    """Write ``frame`` atomically (no index column)."""
+    return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+# ------------------------------------------------------------------------------------------------ timeline
+
+
+def timeline_png(result: VideoScore, *, width_in: float = 10.0, dpi: int = 100) -> bytes:
+    """A PNG of the clips over time: weight as bars (the heaviest highlighted), score as a line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    clips = result.clips
+    starts = np.array([c.start_s for c in clips])
+    widths = np.array([max(c.end_s - c.start_s, 1e-3) for c in clips])
+    weights = np.array([c.weight for c in clips])
+    scores = np.array([c.score for c in clips])
+    top = {c.index for c in heaviest(clips, highlight_count(len(clips)))}
+    low = lowest_scoring(clips)
+
+    # A figure object of its own (not pyplot): no global backend switch, nothing kept between calls.
+    fig = Figure(figsize=(width_in, 3.6), dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.bar(starts, weights, width=widths * 0.95, align="edge",
+           color=[TOP_COLOUR if c.index in top else WEIGHT_COLOUR for c in clips])
+    ax.set_ylabel("weight")
+    ax.set_ylim(0, max(float(weights.max()) * 1.15 if len(weights) else 1.0, 1e-6))
+    ax.set_xlabel("time (mm:ss)")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: format_time(x)))
+    ax2 = ax.twinx()
+    ax2.plot(starts + widths / 2, scores, "o-", color=SCORE_COLOUR, lw=1.6, ms=4, label="clip score")
+    if low is not None:
+        ax2.plot([low.start_s + (low.end_s - low.start_s) / 2], [low.score], "v", color="#c0392b", ms=10,
+                 label="lowest clip score")
+    lo, hi = result.scale.get("min"), result.scale.get("max")
+    if lo is not None and hi is not None and hi > lo:
+        pad = 0.05 * (hi - lo)
+        ax2.set_ylim(min(lo, float(scores.min()) if len(scores) else lo) - pad,
+                     max(hi, float(scores.max()) if len(scores) else hi) + pad)
+    ax2.set_ylabel(f"clip score ({result.scale.get('unit', 'points')})")
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=WEIGHT_COLOUR, label="clip weight"), Patch(color=TOP_COLOUR, label="heaviest clips"),
+               *ax2.get_legend_handles_labels()[0]]
+    ax.legend(handles=handles, loc="upper left", fontsize=8, framealpha=0.8)
+    ax.set_title(f"{Path(result.input).name}: {format_total(result)}  ({result.head_label})", fontsize=11)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def write_plot(path: str | Path, result: VideoScore) -> Path:
+    png = timeline_png(result)
+    return atomic_write(path, lambda tmp: tmp.write_bytes(png))
+
+
+def plot_paths(path: str | Path, results: Sequence[VideoScore]) -> list[tuple[Path, VideoScore]]:
+    """Where each video's timeline goes: ``path`` for one video, ``<stem>-<video stem><suffix>`` for several."""
+    path = Path(path)
+    firsts = primary_results(results)
+    if len(firsts) == 1:
+        return [(path, firsts[0])]
+    used: dict[str, int] = {}
+    placed = []
+    for r in firsts:
+        stem = Path(r.input).stem
+        used[stem] = used.get(stem, 0) + 1
+        name = stem if used[stem] == 1 else f"{stem}-{used[stem]}"
+        placed.append((path.with_name(f"{path.stem}-{name}{path.suffix or '.png'}"), r))
+    return placed
+
+
+def primary_results(results: Sequence[VideoScore]) -> list[VideoScore]:
+    """The first head's successful result per input (the best head when several score each input)."""
+    seen: set[str] = set()
+    firsts = []
+    for r in results:
+        if r.ok and str(r.input) not in seen:
+            seen.add(str(r.input))
+            firsts.append(r)
+    return firsts
+
+
+# ------------------------------------------------------------------------------------------------ HTML report
+
+
+def middle_frames(video: str | Path, clips: Sequence[ClipScore], *, width: int = 320) -> dict[int, bytes]:
+    """JPEG bytes of each clip's middle source frame, by clip index, read with our decoder."""
+    from PIL import Image
+
+    from aqa_cli.video import open_video
+
+    wanted: dict[int, int] = {}
+    for c in clips:
+        if c.source_frame_start is not None and c.source_frame_end is not None:
+            wanted[c.index] = (int(c.source_frame_start) + int(c.source_frame_end) - 1) // 2
+    if not wanted:
+        return {}
+    frames: dict[int, np.ndarray] = {}
+    with open_video(video) as reader:
+        for idxs, chunk in reader.iter_chunks(sorted(set(wanted.values()))):
+            for i, frame in zip(idxs, chunk):
+                frames[i] = frame
+    out = {}
+    for clip_index, frame_index in wanted.items():
+        image = Image.fromarray(frames[frame_index])
+        image.thumbnail((width, width * 4))
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=85)
+        out[clip_index] = buf.getvalue()
+    return out
+
+
+def _data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+_STYLE = """
+body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2rem auto; max-width: 1080px;
+       color: #222; padding: 0 1rem; }
+h1 { margin-bottom: 0.2rem; } .sub { color: #666; margin-top: 0; }
+section { border-top: 1px solid #ddd; padding-top: 1rem; margin-top: 1.5rem; }
+.total { font-size: 2.4rem; font-weight: 700; margin: 0.3rem 0; }
+.demo { background: #fff3cd; border: 1px solid #e0c36b; padding: 0.4rem 0.7rem; border-radius: 4px; }
+.meta { color: #555; font-size: 0.9rem; } .timeline { width: 100%; max-width: 1000px; }
+.clips { display: flex; flex-wrap: wrap; gap: 0.8rem; }
+figure { margin: 0; width: 200px; } figure img { width: 200px; border-radius: 3px; }
+figcaption { font-size: 0.85rem; color: #333; }
+table { border-collapse: collapse; font-size: 0.9rem; } td, th { padding: 0.2rem 0.6rem; text-align: left; }
+tr:nth-child(even) { background: #f5f5f5; } .failed { color: #b00020; } .note { color: #8a6d3b; }
+"""
+
+# Marks every image once the page has loaded: data-rendered="yes" when it decoded to a picture.
+# A browser test reads it back from the DOM; a reader never sees it.
+_SCRIPT = """window.addEventListener('load', function () {
+  for (const img of document.images) { img.dataset.rendered = (img.complete && img.naturalWidth > 0) ? 'yes' : 'no'; }
+});"""
+
+
+def _video_section(k: int, result: VideoScore, others: Sequence[VideoScore]) -> str:
+    e = html.escape
+    parts = [f'<section id="video-{k}"><h2>{e(Path(result.input).name)}</h2>',
+             f'<p class="total">{e(format_total(result))}</p>']
+    if result.demonstration:
+        parts.append(f'<p class="demo">{e(result.demonstration)}: this score comes from a demonstration model, '
+                     f'not a judge-calibrated one.</p>')
+    cv = f", CV ρ {result.cv_spearman:.3f}" if result.cv_spearman is not None else ""
+    parts.append(f'<p class="meta">preset {e(result.preset or "none")} · head {e(result.head_label)} '
+                 f'({e(result.head)}{", " + str(result.members) + "-model ensemble" if result.members > 1 else ""}{cv})'
+                 f' · backbone {e(result.backbone)} · features from {e(result.features_source)} · '
+                 f'{len(result.clips)} clips · {e(str(result.input))}</p>')
+    lines = []
+    if result.additive:
+        lines.append("additive terms: " + ", ".join(f"{e(k)} {v:+.2f}" for k, v in result.additive.items()))
+    grades = result.extras.get("grades")
+    if grades:
+        lines.append("grade probabilities: " + ", ".join(f"{g['value']:.1f}: {100 * g['prob']:.0f}%" for g in grades))
+    if lines:
+        parts.append("<p>" + "<br>".join(lines) + "</p>")
+    for w in result.warnings:
+        parts.append(f'<p class="note">warning: {e(w)}</p>')
+    parts.append(f'<img class="timeline" id="timeline-{k}" alt="timeline of clip weights and scores" '
+                 f'src="{_data_uri(timeline_png(result), "image/png")}">')
+    if others:
+        rows = "".join(f"<tr><td>{e(o.head_label)}</td><td>{o.score:.2f}</td></tr>" for o in others)
+        parts.append(f"<h3>All heads</h3><table><tr><th>head</th><th>score</th></tr>{rows}</table>")
+
+    top = heaviest(result.clips)
+    parts.append(f"<h3>The {len(top)} most heavily weighted clips</h3>")
+    thumbs: dict[int, bytes] = {}
+    reason = None
+    if result.video is None:
+        reason = ("the video these features were made from is not reachable (moved, changed or never recorded), "
+                  "so no frames are shown")
+    else:
+        try:
+            thumbs = middle_frames(result.video, top)
+        except AqaError as exc:
+            reason = f"frames could not be read ({exc.message})"
+        if not thumbs and reason is None:
+            reason = "the clips' source frames are not recorded, so no frames are shown"
+    if reason:
+        parts.append(f'<p class="note no-video">{e(reason)}.</p>')
+    figures = []
+    for rank, c in enumerate(top, start=1):
+        img = (f'<img class="thumb" alt="middle frame of clip {c.index}" src="{_data_uri(thumbs[c.index], "image/jpeg")}">'
+               if c.index in thumbs else "")
+        figures.append(f"<figure>{img}<figcaption>#{rank}: clip {c.index}, {format_range(c)}<br>weight {c.weight:.3f}"
+                       f" · score {c.score:.2f}</figcaption></figure>")
+    parts.append(f'<div class="clips">{"".join(figures)}</div></section>')
+    return "\n".join(parts)
+
+
+def render_report(results: Sequence[VideoScore], *, agreement: dict[str, Any] | None = None) -> str:
+    """The HTML page for ``results`` (several heads per input: the first is shown in full)."""
+    e = html.escape
+    firsts = primary_results(results)
+    inputs = list(dict.fromkeys(str(r.input) for r in results))
+    name = Path(inputs[0]).name if len(inputs) == 1 else f"{len(inputs)} inputs"
+    body = [f"<h1>aqa score report: {e(name)}</h1>"]
+    head_names = ", ".join(dict.fromkeys(r.head_label for r in results if r.head_label))
+    body.append(f'<p class="sub">{len(firsts)} of {len(inputs)} scored · heads: {e(head_names)}</p>')
+    if len(inputs) > 1:
+        rows = []
+        for path in inputs:
+            mine = [r for r in results if str(r.input) == path]
+            best = next((r for r in mine if r.ok), None)
+            cell = e(format_total(best)) if best else f'<span class="failed">failed: {e(mine[0].error or "")}</span>'
+            rows.append(f"<tr><td>{e(Path(path).name)}</td><td>{cell}</td></tr>")
+        body.append(f"<table><tr><th>input</th><th>score</th></tr>{''.join(rows)}</table>")
+    for k, first in enumerate(firsts):
+        others = [r for r in results if r.ok and str(r.input) == str(first.input)]
+        body.append(_video_section(k, first, others if len(others) > 1 else []))
+    for path in inputs:
+        bad = [r for r in results if str(r.input) == path and not r.ok]
+        if bad and all(not r.ok for r in results if str(r.input) == path):
+            body.append(f'<section><h2>{e(Path(path).name)}</h2><p class="failed">{e(bad[0].error or "failed")}</p>'
+                        "</section>")
+    if agreement and agreement.get("pairwise_spearman"):
+        rows = "".join(f"<tr><td>{e(p['heads'][0])} · {e(p['heads'][1])}</td><td>{p['spearman']:.3f}</td>"
+                       f"<td>{p['n']}</td></tr>" for p in agreement["pairwise_spearman"])
+        body.append(f"<section><h2>Agreement between heads</h2><table><tr><th>heads</th><th>Spearman ρ</th>"
+                    f"<th>videos</th></tr>{rows}</table></section>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>aqa score report: {e(name)}</title><style>{_STYLE}</style></head>\n<body>\n"
+            + "\n".join(body) + f"\n<script>{_SCRIPT}</script>\n</body></html>\n")
+
+
+def write_report(path: str | Path, results: Sequence[VideoScore], *, agreement: dict[str, Any] | None = None) -> Path:
+    page = render_report(results, agreement=agreement)
+    return atomic_write(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))

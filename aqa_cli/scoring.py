@@ -1,0 +1,603 @@
+"""``aqa score`` as a library: videos or feature files in, scores with their per-clip reasons out.
+
+One :class:`Scorer` holds the chosen heads (:func:`choose_heads`) and gets each
+input's clip features from the cheapest place that has them: a feature file and
+its sidecar, the feature cache (:mod:`aqa_cli.cache`), or the backbone, which is
+only built when a video misses the cache. Every head then turns the features into
+a :class:`VideoScore`: the total on the target's scale and, per clip, its time
+range, weight w_t and score s_t, with Σ w_t·s_t plus the head's additive terms
+equal to the total.
+
+A head only reads features made the way its training features were (its
+*contract*: backbone, feature size, recipe); anything else is refused with a
+one-line error. One input that fails (not a video, truncated, too short, NaN
+features…) becomes a failed :class:`VideoScore` and the batch goes on.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from aqa_cli.backbones import PRECISIONS, Backbone, create_backbone, get_backbone_spec, resolve_device
+from aqa_cli.cache import FeatureCache, cache_key
+from aqa_cli.errors import AqaError, FeatureError, VideoError, WeightsError
+from aqa_cli.extract import load_features, make_sidecar, read_sidecar, video_features
+from aqa_cli.fileio import sha256_file
+from aqa_cli.heads import HeadOutput, list_heads
+from aqa_cli.heads.checkpoint import LoadedHead, load_head, shipped_dir
+from aqa_cli.presets import Preset, list_presets, load_preset
+
+DEFAULT_PRESET = "fisv-pcs"
+FEATURE_SUFFIX = ".npy"
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class ClipScore:
+    index: int
+    start_s: float
+    end_s: float
+    weight: float
+    score: float
+    # Source frames the clip covers (end exclusive), when known: the report decodes its middle frame.
+    source_frame_start: int | None = None
+    source_frame_end: int | None = None
+
+    @property
+    def contribution(self) -> float:
+        return self.weight * self.score
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "start_s": self.start_s, "end_s": self.end_s, "weight": self.weight,
+                "score": self.score}
+
+
+@dataclass
+class VideoScore:
+    """One input scored by one head (or the failure to score it)."""
+
+    input: Path
+    status: str = "failed"  # "ok" or "failed"
+    error: str | None = None
+    kind: str = "video"  # "video" or "features"
+    preset: str = ""
+    head: str = ""  # the head family, e.g. "gdlt"
+    head_path: Path | None = None
+    backbone: str = ""
+    score: float | None = None
+    scale: dict[str, Any] = field(default_factory=dict)  # {min, max, unit}
+    clips: list[ClipScore] = field(default_factory=list)
+    additive: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+    features_source: str = ""  # "backbone", "cache" or "file"
+    video: Path | None = None  # the video file itself, when it can be read (for frames in the report)
+    demonstration: str | None = None
+    cv_spearman: float | None = None
+    members: int = 1
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def head_label(self) -> str:
+        """The checkpoint's name (``fisv-pcs-gdlt``), else the head family."""
+        return self.head_path.stem if self.head_path is not None else self.head
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``--json`` object. Σ clips' weight·score + Σ additive == score."""
+        d: dict[str, Any] = {"video": str(self.input), "status": self.status}
+        if not self.ok:
+            d.update(error=self.error, preset=self.preset or None, head=self.head_label or None)
+            return d
+        d.update({
+            "preset": self.preset or None,
+            "head": self.head,
+            "weights": str(self.head_path) if self.head_path else None,
+            "backbone": self.backbone,
+            "score": self.score,
+            "scale": dict(self.scale),
+            "clips": [c.to_dict() for c in self.clips],
+            "additive": dict(self.additive),
+            "extras": dict(self.extras),
+            "features_source": self.features_source,
+            "demonstration": self.demonstration,
+            "warnings": list(self.warnings),
+        })
+        return d
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def find_inputs(inputs: Iterable[str | Path], *, exclude: Iterable[str | Path] = ()) -> list[Path]:
+    """Expand files and folders (recursively) into a sorted, de-duplicated list of inputs.
+
+    Every file in a folder is an input, so that a stray non-video is reported rather than
+    silently skipped; hidden files (and our own temporaries) are not, and neither is a
+    ``.json`` beside a ``.npy`` of the same stem: it is that feature file's sidecar.
+    ``exclude`` names files never to take (the command's own outputs).
+    """
+    excluded = {Path(p).resolve() for p in exclude}
+    found: list[Path] = []
+    seen: set[Path] = set()
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            candidates = sorted(
+                q for q in p.rglob("*")
+                if q.is_file() and not any(part.startswith(".") for part in q.relative_to(p).parts)
+                and not (q.suffix.lower() == ".json" and q.with_suffix(FEATURE_SUFFIX).is_file())
+            )
+        else:
+            candidates = [p]
+        for q in candidates:
+            key = q.resolve()
+            if key not in seen and key not in excluded:
+                seen.add(key)
+                found.append(q)
+    return found
+
+
+@dataclass
+class ClipFeatures:
+    """An input's features for one backbone and recipe, with the clips' place in time."""
+
+    features: np.ndarray  # float32 [T, D]
+    clips: list[dict]  # per clip: start_s, end_s and, when known, source_frame_start/end
+    backbone: str
+    recipe: dict  # the full recipe (or {"name": ...} when only the name is known)
+    source: str  # "backbone", "cache" or "file"
+    video: Path | None
+    warnings: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------ head choice
+
+
+@dataclass
+class HeadChoice:
+    preset_name: str  # "" when a --weights checkpoint names no preset
+    preset: Preset | None
+    heads: list[LoadedHead]  # best first
+    notes: list[str] = field(default_factory=list)
+
+
+def _try_preset(name: str) -> Preset | None:
+    try:
+        return load_preset(name)
+    except AqaError:
+        return None
+
+
+def shipped_heads_for(preset: str, *, notes: list[str] | None = None) -> list[LoadedHead]:
+    """The heads shipped for ``preset`` (``<preset>-<head>.safetensors``), best cross-validated ρ first.
+
+    Heads without recorded cross-validation come after those with it; a damaged file is left
+    out with a note.
+    """
+    folder = shipped_dir()
+    found = []
+    for head in list_heads():
+        path = folder / f"{preset}-{head}.safetensors"
+        if not path.is_file():
+            continue
+        try:
+            found.append(load_head(path))
+        except AqaError as exc:
+            if notes is not None:
+                notes.append(f"skipped {exc.message}")
+    return sorted(found, key=lambda h: (h.cv_spearman is None, -(h.cv_spearman or 0.0), h.path.name))
+
+
+def choose_heads(preset: str | None = None, head: str | None = None, weights: str | Path | None = None, *,
+                 all_heads: bool = False) -> HeadChoice:
+    """The head(s) to score with.
+
+    ``weights`` names a checkpoint outright (its preset is taken from its metadata);
+    otherwise the preset's shipped heads are searched in :func:`shipped_dir`: ``head``
+    picks one by name, ``all_heads`` takes every one, and by default the one with the
+    highest cross-validated ρ is used.
+    """
+    if weights is not None:
+        if all_heads:
+            raise AqaError("--all-heads compares the preset's shipped heads", fix="drop --weights, or drop --all-heads")
+        loaded = load_head(weights)
+        if head is not None and head != loaded.head:
+            raise AqaError(f"--head {head} but {Path(weights).name} holds a {loaded.head} head",
+                           fix="drop --head, or pass that head's checkpoint")
+        if preset and loaded.preset and preset != loaded.preset:
+            raise AqaError(f"--preset {preset} but {Path(weights).name} was trained for {loaded.preset}",
+                           fix=f"drop --preset, or use --preset {loaded.preset}")
+        name = loaded.preset or preset or ""
+        return HeadChoice(name, _try_preset(name) if name else None, [loaded])
+
+    name = preset or DEFAULT_PRESET
+    if name not in list_presets():
+        load_preset(name)  # raises the registry's "unknown preset" error, with the list
+    notes: list[str] = []
+    candidates = shipped_heads_for(name, notes=notes)
+    if head is not None:
+        if head not in list_heads():
+            raise AqaError(f"unknown head {head!r}", fix=f"choose one of: {', '.join(list_heads())}")
+        path = shipped_dir() / f"{name}-{head}.safetensors"
+        have = ", ".join(h.head for h in candidates) or "none"
+        if not path.is_file():
+            raise AqaError(f"no {head} head ships for preset {name} ({path} is absent; shipped: {have})",
+                           fix="pass --weights FILE.safetensors, or choose a shipped head")
+        candidates = [load_head(path)]  # a damaged file is refused here, with its own message
+    if not candidates:
+        raise AqaError(f"no trained head ships for preset {name} (none in {shipped_dir()})",
+                       fix=f"pass --weights FILE.safetensors (from `aqa train`), or put {name}-<head>.safetensors "
+                           "in that folder (AQA_WEIGHTS_DIR points it elsewhere)")
+    return HeadChoice(name, load_preset(name), candidates if (all_heads or head) else candidates[:1], notes)
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+class ScoreEvents:
+    """Progress hooks for :meth:`Scorer.score_all`; the CLI overrides them to draw bars."""
+
+    def input_started(self, path: Path) -> None: ...
+
+    def backbone_loading(self, name: str) -> None: ...
+
+    def clips_planned(self, path: Path, clips: int) -> None: ...
+
+    def clips_done(self, n: int) -> None: ...
+
+    def input_finished(self, results: list[VideoScore]) -> None: ...
+
+
+BackboneFactory = Callable[[str], Backbone]
+
+
+class Scorer:
+    """Scores inputs with a fixed set of heads; features are shared between heads and cached.
+
+    ``backbone`` forces the backbone (it must be the one in every head's contract);
+    ``cache`` None disables the feature cache. ``backbone_factory(name)`` builds a
+    backbone (default: :func:`~aqa_cli.backbones.create_backbone` with ``device`` and
+    ``precision``); it is called at most once per backbone, and only when a video
+    misses the cache. ``stats`` counts backbone runs and cache hits.
+    """
+
+    def __init__(self, choice: HeadChoice, *, backbone: str | None = None, device: str = "auto",
+                 precision: str = "fp32", cache: FeatureCache | None = None, batch_size: int = 4,
+                 decoder: str = "auto", backbone_factory: BackboneFactory | None = None,
+                 events: ScoreEvents | None = None):
+        if precision not in PRECISIONS:
+            raise AqaError(f"unknown precision {precision!r}", fix=f"choose one of: {', '.join(PRECISIONS)}")
+        self.choice = choice
+        self.heads = choice.heads
+        self.device = resolve_device(device)
+        self.precision = precision
+        self.cache = cache
+        self.batch_size = batch_size
+        self.decoder = decoder
+        self.events = events or ScoreEvents()
+        self._factory = backbone_factory or (lambda name: create_backbone(name, device=device, precision=precision))
+        self._backbones: dict[str, Backbone] = {}
+        self.stats = {"backbone_runs": 0, "cache_hits": 0, "backbones_built": 0}
+        self.backbone_override = backbone
+        for h in self.heads:
+            need = h.required_features()
+            if not need["backbone"]:
+                raise AqaError("records no backbone in its feature contract",
+                               path=h.path, fix="re-train it with `aqa train` (it records the contract)")
+            if backbone is not None and backbone != need["backbone"]:
+                get_backbone_spec(backbone)  # an unknown name gets the registry's message
+                raise FeatureError(f"--backbone {backbone}, but {h.path.name} was trained on {need['backbone']} "
+                                   f"features", fix=f"drop --backbone, or use --backbone {need['backbone']}")
+            h.to(self.device)
+
+    # -- the public entry points
+
+    def score_all(self, inputs: Sequence[str | Path]) -> list[VideoScore]:
+        """Score every input with every head; video-major, in the heads' order."""
+        results: list[VideoScore] = []
+        for path in inputs:
+            path = Path(path)
+            self.events.input_started(path)
+            scores = self.score(path)
+            self.events.input_finished(scores)
+            results.extend(scores)
+        return results
+
+    def score(self, path: str | Path) -> list[VideoScore]:
+        """One result per head for ``path``; failures are results too (status "failed")."""
+        path = Path(path)
+        kind = "features" if path.suffix.lower() == FEATURE_SUFFIX else "video"
+        started = time.perf_counter()
+        memo: dict[str, ClipFeatures | AqaError] = {}
+        results = []
+        for h in self.heads:
+            result = self._blank(path, kind, h)
+            try:
+                need = h.required_features()
+                if need["backbone"] not in memo:
+                    try:
+                        memo[need["backbone"]] = self._features(path, kind, need["backbone"], result.timings)
+                    except WeightsError:
+                        raise
+                    except AqaError as exc:  # this input's fault: every head reading these features fails with it
+                        memo[need["backbone"]] = exc
+                feats = memo[need["backbone"]]
+                if isinstance(feats, AqaError):
+                    raise feats
+                self._apply_head(h, feats, path, result)
+            except WeightsError:
+                # Backbone weights that are absent or damaged fail every video alike: stop the batch
+                # with the one-line message (fetch / import) instead of a row per video.
+                raise
+            except AqaError as exc:
+                result.status, result.error = "failed", exc.message if exc.path else f"{path}: {exc.message}"
+            result.timings["total_s"] = time.perf_counter() - started
+            results.append(result)
+        return results
+
+    # -- features
+
+    def _blank(self, path: Path, kind: str, h: LoadedHead) -> VideoScore:
+        preset = self.choice.preset
+        scale = h.scale
+        return VideoScore(
+            input=path, kind=kind, preset=self.choice.preset_name, head=h.head, head_path=h.path,
+            backbone=h.required_features()["backbone"] or "",
+            scale={"min": scale["score_min"], "max": scale["score_max"],
+                   "unit": preset.unit if preset is not None else scale["unit"]},
+            demonstration=h.demonstration or (preset.demonstration_note if preset is not None else None),
+            cv_spearman=h.cv_spearman, members=h.members,
+        )
+
+    def _backbone(self, name: str) -> Backbone:
+        if name not in self._backbones:
+            self.events.backbone_loading(name)
+            self._backbones[name] = self._factory(name)
+            self.stats["backbones_built"] += 1
+        return self._backbones[name]
+
+    def _features(self, path: Path, kind: str, backbone: str, timings: dict[str, float]) -> ClipFeatures:
+        t0 = time.perf_counter()
+        try:
+            if kind == "features":
+                return self._features_from_file(path, backbone)
+            return self._features_from_video(path, backbone, timings)
+        finally:
+            timings["features_s"] = time.perf_counter() - t0
+
+    def _features_from_file(self, npy: Path, backbone: str) -> ClipFeatures:
+        sidecar_path = npy.with_suffix(".json")
+        if not npy.is_file():
+            raise FeatureError("no such file", path=npy, fix="check the path")
+        spec = get_backbone_spec(backbone)
+        if not sidecar_path.is_file():
+            # Nothing says how these features were made. Accept them only when the user vouches
+            # for the backbone; the times then follow the recipe from the start of the video.
+            if self.backbone_override is None:
+                raise FeatureError(f"has no sidecar {sidecar_path.name} saying which backbone and recipe made it",
+                                   path=npy, fix=f"pass --backbone {backbone} if it holds {backbone} features "
+                                                 "made with its default recipe, or score the video itself")
+            features = load_features(npy)
+            recipe = spec.recipe
+            step = recipe.stride / recipe.fps
+            clips = [{"start_s": k * step, "end_s": k * step + recipe.clip_len / recipe.fps}
+                     for k in range(len(features))]
+            return ClipFeatures(features, clips, backbone, recipe.to_dict(), "file", None,
+                                [f"no sidecar: clip times assume {recipe.name} clips from the start of the video"])
+        sidecar = read_sidecar(sidecar_path)
+        features = load_features(npy, sidecar)
+        made_by = (sidecar.get("backbone") or {}).get("name")
+        recipe = sidecar.get("recipe") or {}
+        _check_not_too_short(sidecar, npy)
+        return ClipFeatures(features, list(sidecar.get("clips") or []), made_by or "", recipe, "file",
+                            _reachable_video(sidecar, sidecar_path), list((sidecar.get("source") or {}).get("warnings", [])))
+
+    def _features_from_video(self, video: Path, backbone: str, timings: dict[str, float]) -> ClipFeatures:
+        from aqa_cli.weights import recorded_sha256
+
+        t0 = time.perf_counter()
+        try:
+            if not video.is_file():
+                raise VideoError("no such file" if not video.exists() else "is not a file", path=video,
+                                 fix="check the path")
+            video_sha = sha256_file(video)
+        except OSError as exc:
+            raise VideoError(f"cannot be read ({type(exc).__name__})", path=video, fix="check its permissions") from None
+        timings["hash_s"] = time.perf_counter() - t0
+        spec = get_backbone_spec(backbone)
+        key = None
+        if self.cache is not None:
+            # Keyed by the weights' recorded sha256, so a cache hit needs no backbone at all;
+            # weights not yet converted have no record, and are built (fetched) first.
+            weights_sha = recorded_sha256(spec.weights) or self._backbone(backbone).weights_sha256
+            key = cache_key(video_sha256=video_sha, backbone=backbone, weights=spec.weights,
+                            weights_sha256=weights_sha, recipe=spec.recipe.to_dict(), precision=self.precision)
+            hit = self.cache.get(key)
+            if hit is not None:
+                features, sidecar = hit
+                self.stats["cache_hits"] += 1
+                _check_not_too_short(sidecar, video)
+                return ClipFeatures(features, list(sidecar["clips"]), backbone, sidecar["recipe"], "cache", video,
+                                    list((sidecar.get("source") or {}).get("warnings", [])))
+        bb = self._backbone(backbone)
+
+        def on_plan(plan) -> None:  # noqa: ANN001 - a ClipPlan
+            if plan.timeline_frames < bb.recipe.clip_len:
+                raise VideoError(_too_short_reason(plan.timeline_frames, bb.recipe.clip_len, plan.fps), path=video,
+                                 fix="score a recording of at least one clip")
+            self.events.clips_planned(video, len(plan.clips))
+
+        result = video_features(video, bb, batch_size=self.batch_size, decoder=self.decoder, on_plan=on_plan,
+                                on_batch=self.events.clips_done)
+        self.stats["backbone_runs"] += 1
+        sidecar = make_sidecar(result, video, video_sha256=video_sha, predictions=None)
+        warnings = [*result.info.warnings, *result.plan.warnings]
+        if self.cache is not None and key is not None:
+            try:
+                self.cache.put(key, result.features, sidecar)
+            except OSError as exc:
+                warnings.append(f"features not cached ({type(exc).__name__}: {exc.strerror or exc})")
+        return ClipFeatures(result.features, sidecar["clips"], backbone, sidecar["recipe"], "backbone", video,
+                            warnings)
+
+    # -- the head
+
+    def _apply_head(self, h: LoadedHead, feats: ClipFeatures, path: Path, result: VideoScore) -> None:
+        _check_contract(h, feats, path)
+        t0 = time.perf_counter()
+        out = run_head(h, feats.features, self.device)
+        result.timings["head_s"] = time.perf_counter() - t0
+        score = float(out.score[0])
+        if not math.isfinite(score):
+            raise FeatureError(f"{h.path.name} gave a non-finite score", path=path,
+                               fix=f"the checkpoint looks damaged: re-train or re-download {h.path.name}")
+        weights = out.weights[0].double().cpu().numpy()
+        clip_scores = out.clip_scores[0].double().cpu().numpy()
+        clips = []
+        for t, meta in enumerate(feats.clips):
+            clips.append(ClipScore(
+                index=int(meta.get("index", t)), start_s=float(meta["start_s"]), end_s=float(meta["end_s"]),
+                weight=float(weights[t]), score=float(clip_scores[t]),
+                source_frame_start=meta.get("source_frame_start"), source_frame_end=meta.get("source_frame_end")))
+        result.status = "ok"
+        result.score = score
+        result.clips = clips
+        result.additive = {k: float(v[0]) for k, v in out.additive.items()}
+        result.extras = summarise_extras(out)
+        result.backbone = feats.backbone
+        result.features_source = feats.source
+        result.video = feats.video
+        result.warnings = list(feats.warnings)
+
+
+def _check_contract(h: LoadedHead, feats: ClipFeatures, path: Path) -> None:
+    need = h.required_features()
+    h.check_contract(feats.backbone or None, (feats.recipe or {}).get("name"), path)
+    # Same recipe name, other settings (e.g. --clip-len 16 at extraction): still another recipe.
+    try:
+        default = get_backbone_spec(feats.backbone).recipe.to_dict() if feats.backbone else None
+    except AqaError:
+        default = None
+    if default is not None and feats.recipe.get("name") == default["name"] and len(feats.recipe) > 1:
+        changed = sorted(k for k in default if feats.recipe.get(k) != default[k])
+        if changed:
+            settings = ", ".join(f"{k} {feats.recipe.get(k)}" for k in changed)
+            raise FeatureError(f"features were made with a modified {default['name']} recipe ({settings}) but "
+                               f"{h.path.name} was trained on the recipe as published", path=path,
+                               fix="re-extract without recipe options, or score the video itself")
+    dim = int(feats.features.shape[1])
+    if need["feature_dim"] is not None and dim != need["feature_dim"]:
+        raise FeatureError(f"features are {dim}-d but {h.path.name} expects {need['feature_dim']}-d", path=path,
+                           fix=f"extract them with --backbone {need['backbone']}")
+    if len(feats.features) == 0:
+        raise FeatureError("holds no clips", path=path, fix="re-extract it from a video of at least one clip")
+    if len(feats.clips) != len(feats.features):
+        raise FeatureError(f"the sidecar lists {len(feats.clips)} clips for {len(feats.features)} feature rows",
+                           path=path, fix="re-extract it")
+
+
+@torch.inference_mode()
+def run_head(h: LoadedHead, features: np.ndarray, device: torch.device | str = "cpu") -> HeadOutput:
+    """The head on one video's features [T, D] (a batch of one, no padding)."""
+    # A copy: the features may be a read-only memory map of a feature file.
+    x = torch.tensor(np.asarray(features, dtype=np.float32)).unsqueeze(0).to(device)
+    return h.model(x)
+
+
+def summarise_extras(out: HeadOutput) -> dict[str, Any]:
+    """What of a head's extras means something to a reader, as plain numbers for one video."""
+    ex = out.extras
+    summary: dict[str, Any] = {}
+    if "grade_probs" in ex and "grade_values" in ex:
+        probs = ex["grade_probs"][0].double().cpu().tolist()
+        values = ex["grade_values"][0].double().cpu().tolist()
+        summary["grades"] = [{"value": v, "prob": p} for v, p in zip(values, probs)]
+    if "member_scores" in ex:
+        summary["member_scores"] = ex["member_scores"][0].double().cpu().tolist()
+    if "coarse_score" in ex:
+        summary["coarse_score"] = float(ex["coarse_score"][0])
+    if "subgrade" in ex:
+        summary["subgrade"] = int(ex["subgrade"][0])
+    return summary
+
+
+def _too_short_reason(frames: int, clip_len: int, fps: float) -> str:
+    return (f"only {frames} frames at {fps:g} fps, shorter than one {clip_len}-frame clip "
+            f"({clip_len / fps:.2f} s): too short to score")
+
+
+def _check_not_too_short(sidecar: dict, path: Path) -> None:
+    timeline = sidecar.get("timeline") or {}
+    clip_len = (sidecar.get("recipe") or {}).get("clip_len")
+    frames = timeline.get("timeline_frames")
+    if isinstance(frames, int) and isinstance(clip_len, int) and frames < clip_len:
+        raise VideoError(_too_short_reason(frames, clip_len, float(timeline.get("fps") or 25.0)), path=path,
+                         fix="score a recording of at least one clip")
+
+
+def _reachable_video(sidecar: dict, sidecar_path: Path) -> Path | None:
+    """The video a feature file was made from, if it is still there with the same content."""
+    named = sidecar.get("video")
+    if not named:
+        return None
+    want = sidecar.get("video_sha256")
+    for candidate in (Path(named), sidecar_path.parent / Path(named).name):
+        try:
+            if candidate.is_file() and (want is None or sha256_file(candidate) == want):
+                return candidate
+        except OSError:
+            continue
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ agreement
+
+
+def head_agreement(results: Sequence[VideoScore]) -> dict[str, Any]:
+    """How far several heads agree: per video the spread of their scores, and across videos
+    (three or more scored by every head) the Spearman ρ between each pair of heads."""
+    from aqa_cli.metrics import spearman
+
+    by_video: dict[str, dict[str, VideoScore]] = {}
+    for r in results:
+        if r.ok:
+            by_video.setdefault(str(r.input), {})[r.head_label] = r
+    heads = list(dict.fromkeys(r.head_label for r in results))
+    videos = []
+    for video, scored in by_video.items():
+        scores = np.array([scored[h].score for h in heads if h in scored], dtype=np.float64)
+        span = max(next(iter(scored.values())).scale.get("max", 1.0) - next(iter(scored.values())).scale.get("min", 0.0),
+                   1e-12)
+        top = {h: max(scored[h].clips, key=lambda c: c.weight).index for h in heads if h in scored and scored[h].clips}
+        videos.append({"video": video, "scores": {h: scored[h].score for h in heads if h in scored},
+                       "mean": float(scores.mean()), "spread": float(scores.max() - scores.min()),
+                       "spread_of_scale": float((scores.max() - scores.min()) / span),
+                       "std": float(scores.std()), "heaviest_clip": top,
+                       "heaviest_clip_agrees": len(set(top.values())) <= 1})
+    pairs = []
+    complete = [v for v in by_video.values() if all(h in v for h in heads)]
+    if len(complete) >= 3:
+        for i, a in enumerate(heads):
+            for b in heads[i + 1:]:
+                pairs.append({"heads": [a, b], "spearman": spearman(np.array([v[a].score for v in complete]),
+                                                                     np.array([v[b].score for v in complete])),
+                              "n": len(complete)})
+    return {"heads": heads, "videos": videos, "pairwise_spearman": pairs}
+
+
+def failed(results: Sequence[VideoScore]) -> list[VideoScore]:
+    return [r for r in results if not r.ok]
