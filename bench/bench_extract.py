@@ -47,11 +47,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from _common import cpu_model
+from _common import FPS, HEIGHT, OUT_DIR, WIDTH, cpu_model, video_for
 
-OUT_DIR = Path(__file__).resolve().parent / "out"
-FPS = 25.0
-WIDTH, HEIGHT = 640, 360
 RSS_LIMIT = 1.10
 MODES = ("ours", "naive")
 
@@ -156,20 +153,6 @@ class Run:
     mode: str
     seconds: float
 
-
-def video_for(seconds: float) -> Path:
-    """The cached synthetic video of this length, generated on first use."""
-    from aqa_cli.synthetic import moving_scene, write_video
-
-    path = OUT_DIR / "videos" / f"scene_{seconds:g}s_{WIDTH}x{HEIGHT}_{FPS:g}fps.mp4"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        print(f"generating {path.name} ...", file=sys.stderr, flush=True)
-        tmp = path.with_name(path.stem + ".partial.mp4")
-        # Written under a temporary name so an interrupted run never leaves a short video in the cache.
-        write_video(tmp, moving_scene(int(round(seconds * FPS)), HEIGHT, WIDTH), FPS)
-        os.replace(tmp, path)
-    return path
 
 
 def measure(run: Run, args: argparse.Namespace) -> dict:

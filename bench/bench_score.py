@@ -45,13 +45,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import cpu_model
+from _common import FPS, HEIGHT, OUT_DIR, WIDTH, cpu_model, video_for
 
 REPO = Path(__file__).resolve().parents[1]
-OUT_DIR = Path(__file__).resolve().parent / "out"
 SAMPLE = REPO / "samples" / "moving_disc.mp4"
-FPS = 25.0
-WIDTH, HEIGHT = 640, 360
 
 
 # ------------------------------------------------------------------------------------------------- worker side
@@ -134,18 +131,6 @@ def worker_decode(video: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------------- parent side
 
-
-def video_for(seconds: float) -> Path:
-    from aqa_cli.synthetic import moving_scene, write_video
-
-    path = OUT_DIR / "videos" / f"scene_{seconds:g}s_{WIDTH}x{HEIGHT}_{FPS:g}fps.mp4"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        print(f"generating {path.name} ...", file=sys.stderr, flush=True)
-        tmp = path.with_name(path.stem + ".partial.mp4")
-        write_video(tmp, moving_scene(int(round(seconds * FPS)), HEIGHT, WIDTH), FPS)
-        os.replace(tmp, path)
-    return path
 
 
 def heads() -> list[Path]:

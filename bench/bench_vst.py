@@ -45,11 +45,8 @@ import sys
 import time
 from pathlib import Path
 
-from _common import cpu_model
+from _common import FPS, HEIGHT, OUT_DIR, WIDTH, cpu_model, video_for
 
-OUT_DIR = Path(__file__).resolve().parent / "out"
-FPS = 25.0
-WIDTH, HEIGHT = 640, 360
 
 
 def _prepare_home() -> None:
@@ -72,17 +69,6 @@ def _prepare_home() -> None:
     finally:
         path.unlink(missing_ok=True)
 
-
-def video_for(seconds: float) -> Path:
-    from aqa_cli.synthetic import moving_scene, write_video
-
-    path = OUT_DIR / "videos" / f"scene_{seconds:g}s_{WIDTH}x{HEIGHT}_{FPS:g}fps.mp4"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + ".partial.mp4")
-        write_video(tmp, moving_scene(int(round(seconds * FPS)), HEIGHT, WIDTH), FPS)
-        os.replace(tmp, path)
-    return path
 
 
 def measure_decode(video: Path, recipe, batch_size: int) -> dict:
