@@ -328,8 +328,7 @@ def _render_score(r) -> None:  # noqa: ANN001 - a VideoScore
     out.print(f"  preset {r.preset or 'none'} · head {r.head} ({r.head_path.name if r.head_path else '?'}{members}{cv})"
               f" · backbone {r.backbone} (features from {r.features_source})", highlight=False, style="dim")
     if r.demonstration:
-        out.print(f"  [yellow]{r.demonstration}[/yellow]: a demonstration model, not a judge-calibrated score",
-                  highlight=False)
+        out.print(f"  [yellow]Note: {r.demonstration}[/yellow]", highlight=False)
     for w in r.warnings:
         out.print(f"  [yellow]warning[/yellow] {w}", highlight=False)
 

@@ -247,8 +247,7 @@ def _video_section(k: int, result: VideoScore, others: Sequence[VideoScore]) -> 
     parts = [f'<section id="video-{k}"><h2>{e(Path(result.input).name)}</h2>',
              f'<p class="total">{e(format_total(result))}</p>']
     if result.demonstration:
-        parts.append(f'<p class="demo">{e(result.demonstration)}: this score comes from a demonstration model, '
-                     f'not a judge-calibrated one.</p>')
+        parts.append(f'<p class="demo">Note: {e(result.demonstration)}.</p>')
     cv = f", CV ρ {result.cv_spearman:.3f}" if result.cv_spearman is not None else ""
     parts.append(f'<p class="meta">preset {e(result.preset or "none")} · head {e(result.head_label)} '
                  f'({e(result.head)}{", " + str(result.members) + "-model ensemble" if result.members > 1 else ""}{cv})'

@@ -320,7 +320,8 @@ def run_train_job(job: TrainJob, *, on_epoch: EpochCallback | None = None,
                 "feature_dim": data.feature_dim, "recipe": data.contract.get("recipe", {}).get("name")}
     scale = {"score_min": config.score_min, "score_max": config.score_max,
              "unit": preset.unit if preset else "points"}
-    metadata = {"preset": job.preset or "", "target": data.target_name, "scale": scale, "contract": contract,
+    metadata = {"preset": job.preset or "", "description": preset.description if preset else "",
+                "target": data.target_name, "scale": scale, "contract": contract,
                 "data_sha256": log["data_sha256"], "n_videos": str(len(data)), "seed": str(job.seed),
                 "epochs": str(settings.epochs), "train_settings": log["train_settings"], "final": job.final,
                 "cv": log.get("cv", {}), "train_seconds": f"{log['total_seconds']:.1f}"}

@@ -163,7 +163,7 @@ def test_a_demonstration_model_says_so_and_sidecarless_features_need_a_backbone(
     res = run_aqa("score", tmp_path / "bare.npy", "--weights", demo, "--backbone", "i3d")
     assert res.returncode == 0, res.stderr
     text = " ".join(res.stdout.split())
-    assert "demo head, trained on synthetic routines: a demonstration model" in text
+    assert "Note: demo head, trained on synthetic routines" in text
     assert "preset none · head gdlt (demo.safetensors)" in text and "features from file" in text
     assert "00:06–00:08" in text  # clip 5 of the recipe's 1.28 s clips
     obj = json.loads(run_aqa("score", tmp_path / "bare.npy", "--weights", demo, "--backbone", "i3d", "--json").stdout)

@@ -24,6 +24,8 @@ from aqa_cli.errors import AqaError, FeatureError, WeightsError
 from aqa_cli.heads import Head, HeadOutput, create_head
 
 CHECKPOINT_FORMAT = "aqa-head/1"
+# Shown with the scores of a head marked as a demonstration model without a note of its own.
+DEMONSTRATION_NOTE = "a demonstration model, not a judge-calibrated score"
 
 
 class HeadEnsemble(nn.Module):
@@ -116,7 +118,7 @@ class LoadedHead:
         note = self.metadata.get("demonstration", "")
         if note.lower() in ("", "false", "0", "no", "null"):
             return None
-        return "demonstration model" if note.lower() in ("true", "1", "yes") else note
+        return DEMONSTRATION_NOTE if note.lower() in ("true", "1", "yes") else note
 
     def required_features(self) -> dict[str, Any]:
         """The contract with its gaps filled: {backbone, feature_dim, recipe (a name)}.

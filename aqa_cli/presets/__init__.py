@@ -34,7 +34,9 @@ class Preset:
     def demonstration_note(self) -> str | None:
         if not self.demonstration:
             return None
-        return self.demonstration if isinstance(self.demonstration, str) else "demonstration model"
+        from aqa_cli.heads.checkpoint import DEMONSTRATION_NOTE
+
+        return self.demonstration if isinstance(self.demonstration, str) else DEMONSTRATION_NOTE
 
     def train_settings(self, head: str) -> dict[str, Any]:
         return dict(self.heads.get(head, {}).get("train", {}))
