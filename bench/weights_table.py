@@ -1,7 +1,8 @@
 """Print the table of shipped heads in weights/README.md from their training logs (weights/*.log.json).
 
-    python bench/weights_table.py            # the heads in weights/
-    python bench/weights_table.py RUN_DIR    # any folder of `aqa train` outputs
+    python bench/weights_table.py                     # the heads in weights/
+    python bench/weights_table.py RUN_DIR             # any folder of `aqa train` outputs
+    python bench/weights_table.py weights 'fisv-*'    # only the files whose name matches
 
 Every figure comes from a log written by `aqa train`; nothing is typed in by hand.
 """
@@ -48,8 +49,8 @@ def overrides(log: dict) -> dict:
 def command(log: dict) -> str:
     t = log["train_settings"]
     meta = checkpoint_meta(log)
-    args = ["aqa", "train", "--features", "../shared/data/fisv/features", "--labels", "../shared/data/fisv/train.csv",
-            "--target", log["target"], "--head", log["head"]]
+    # The data paths as the run was given them (relative to the repository for the Fis-V runs).
+    args = ["aqa", "train", "--features", log["features"], "--labels", log["labels"], "--target", log["target"], "--head", log["head"]]
     if log.get("preset"):
         args += ["--preset", log["preset"]]
     args += ["--epochs", str(t["epochs"]), "--folds", str(log.get("cv", {}).get("folds", 0)), "--seed", str(log["seed"])]
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     global FOLDER
     argv = sys.argv[1:] if argv is None else argv
     FOLDER = Path(argv[0]) if argv else REPO / "weights"
-    logs = sorted(FOLDER.glob("*.log.json"))
+    pattern = argv[1] if len(argv) > 1 else "*"
+    logs = sorted(FOLDER.glob(f"{pattern}.log.json"))
     print("| file | head | target | CV folds | CV ρ per fold | CV ρ mean ± std | out-of-fold ρ / R-ℓ2×100 / MAE "
           "| members | MB | training time |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
