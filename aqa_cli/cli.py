@@ -183,7 +183,7 @@ def score(
                                                       "folders, taken recursively.")],
     preset: Annotated[Optional[str], typer.Option(help="Dataset preset: the target and its scale "
                                                        "(default fisv-pcs, or the --weights checkpoint's).")] = None,
-    head: Annotated[Optional[str], typer.Option(help="gdlt, cofinal or interp (default: the preset's shipped head "
+    head: Annotated[Optional[str], typer.Option(help="gdlt, cofinal, interp or mtl (default: the preset's shipped head "
                                                      "with the best cross-validated ρ).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="A head checkpoint (.safetensors) instead of a shipped "
                                                          "one.")] = None,
@@ -292,7 +292,9 @@ def score(
 def _render_score(r) -> None:  # noqa: ANN001 - a VideoScore
     from aqa_cli.report import format_range, format_total, heaviest, highlight_count, lowest_scoring
 
-    top = {c.index for c in heaviest(r.clips, highlight_count(len(r.clips)))}
+    # Uniform weights (the mtl head averages its clips) have no heaviest clip to point at.
+    uniform = len(r.clips) > 1 and max(c.weight for c in r.clips) - min(c.weight for c in r.clips) < 1e-9
+    top = set() if uniform else {c.index for c in heaviest(r.clips, highlight_count(len(r.clips)))}
     low = lowest_scoring(r.clips)
     table = Table(title=f"{r.input} · {r.head_label}", title_justify="left")
     table.add_column("clip", justify="right")
@@ -317,6 +319,14 @@ def _render_score(r) -> None:  # noqa: ANN001 - a VideoScore
         weighted = sum(c.contribution for c in r.clips)
         terms = " ".join(f"+ {k} {v:.2f}" for k, v in r.additive.items())
         out.print(f"  = Σ w·s {weighted:.2f} {terms}", highlight=False)
+    if r.extras.get("action_text"):
+        out.print(f"  action: {r.extras['action_text']}", highlight=False)
+    if "commentary" in r.extras:
+        line = r.extras["commentary"]
+        shown = f'"{line}"' if line else "(none: the head was trained without captions)"
+        out.print(f"  commentary: {shown}", highlight=False)
+    if r.extras.get("decomposition"):
+        out.print(f"  clip scores: {r.extras['decomposition']}", highlight=False)
     grades = r.extras.get("grades")
     if grades:
         out.print("  grade probabilities: " + " · ".join(f"{g['value']:.1f}: {100 * g['prob']:.0f}%" for g in grades),
@@ -519,9 +529,10 @@ def weights_verify() -> None:
 @app.command()
 def train(
     features: Annotated[Path, typer.Option(help="Folder of <id>.npy clip features.")],
-    labels: Annotated[Path, typer.Option(help="Labels: CSV with a header, GDLT text (id TES PCS ded) or RG tab-separated.")],
+    labels: Annotated[Path, typer.Option(help="Labels: CSV with a header, JSON records, GDLT text (id TES PCS ded) or RG tab-separated.")],
     target: Annotated[str, typer.Option(help="The label column to learn, e.g. TES or PCS.")],
-    head: Annotated[str, typer.Option(help="gdlt, cofinal or interp.")],
+    head: Annotated[str, typer.Option(help="gdlt, cofinal, interp or mtl (which also learns the label file's "
+                                           "action and caption columns).")],
     out_path: Annotated[Path, typer.Option("--out", help="Checkpoint to write (.safetensors); the log goes beside it (.log.json).")],
     preset: Annotated[Optional[str], typer.Option(help="Dataset preset (scale, crop, the paper's settings), e.g. fisv-tes.")] = None,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Override the preset's epochs.")] = None,
@@ -582,6 +593,26 @@ def train(
                   f"R-ℓ2×100 {cv['oof']['rl2_x100']:.3f}, MAE {cv['oof']['mae']:.2f}")
     out.print(f"wrote {log['checkpoint']} ({log['train_seconds']:.0f} s) and its log "
               f"{Path(log['checkpoint']).with_suffix('.log.json')}")
+
+
+@app.command("convert-labels")
+def convert_labels(
+    annotations: Annotated[Path, typer.Argument(help="The MTL-AQA release's final_annotations_dict.pkl.")],
+    out_path: Annotated[Path, typer.Option("--out", help="The label CSV to write.")],
+    captions: Annotated[Optional[Path], typer.Option(help="final_captions_dict.pkl, for the caption column.")] = None,
+    split: Annotated[Optional[Path], typer.Option(help="Keep only the keys listed here (train_split_0.pkl, "
+                                                       "test_split_0.pkl).")] = None,
+    preset: Annotated[str, typer.Option(help="Preset whose mtl schema names the sub-task codes.")] = "mtl-aqa",
+) -> None:
+    """Turn MTL-AQA's annotation pickles into a label CSV for `aqa train --head mtl` (read with a restricted
+    unpickler: containers, strings and numbers only)."""
+    from aqa_cli.dataset import convert_mtl_aqa
+    from aqa_cli.heads.mtl import check_schema
+    from aqa_cli.presets import load_preset
+
+    schema = check_schema(load_preset(preset).model_settings("mtl").get("subtasks", []))
+    summary = convert_mtl_aqa(annotations, out_path, captions=captions, split=split, subtasks=schema)
+    out.print(f"wrote {summary['out']}: {summary['rows']} dives, {summary['captions']} with a caption", highlight=False)
 
 
 @app.command()

@@ -256,6 +256,12 @@ def _video_section(k: int, result: VideoScore, others: Sequence[VideoScore]) -> 
     lines = []
     if result.additive:
         lines.append("additive terms: " + ", ".join(f"{e(k)} {v:+.2f}" for k, v in result.additive.items()))
+    if result.extras.get("action_text"):
+        lines.append(f"action: {e(result.extras['action_text'])}")
+    if result.extras.get("commentary"):
+        lines.append(f"commentary: &ldquo;{e(result.extras['commentary'])}&rdquo;")
+    if result.extras.get("decomposition"):
+        lines.append(f"clip scores: {e(result.extras['decomposition'])}")
     grades = result.extras.get("grades")
     if grades:
         lines.append("grade probabilities: " + ", ".join(f"{g['value']:.1f}: {100 * g['prob']:.0f}%" for g in grades))

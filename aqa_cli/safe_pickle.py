@@ -20,6 +20,7 @@ import numpy as np
 __all__ = [
     "UnsafePickleError",
     "RestrictedUnpickler",
+    "load_annotation_pickle",
     "load_numpy_pickle",
     "load_plain_pickle",
 ]
@@ -109,3 +110,31 @@ def load_plain_pickle(path: PathLike, *, encoding: str = "ASCII") -> Any:
     ``encoding`` only matters for Python-2 era files (see :class:`pickle.Unpickler`).
     """
     return _load(path, _PLAIN_ALLOW_LIST, encoding)
+
+
+def _numpy_scalar_allow_list() -> dict[tuple[str, str], Any]:
+    # A numpy number (np.float64(71.4), np.int64(3)) pickles as multiarray.scalar(dtype, raw bytes): it rebuilds
+    # one number from its bytes. Array reconstruction (_reconstruct, ndarray) is deliberately not admitted.
+    ma = _numpy_multiarray()
+    allowed: dict[tuple[str, str], Any] = {("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1_bytes}
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[(mod, "scalar")] = ma.scalar
+    return allowed
+
+
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """What protocol-2 pickles written by Python 3 call as ``_codecs.encode(text, "latin1")`` to rebuild bytes
+    (here: a numpy scalar's raw bytes). Only that one codec is admitted, so it can only turn text into bytes."""
+    if encoding.lower().replace("-", "").replace("_", "") not in ("latin1", "iso88591"):
+        raise UnsafePickleError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+def load_annotation_pickle(path: PathLike, *, encoding: str = "latin1") -> Any:
+    """Load a dataset's annotation pickle: plain containers, strings and numbers, numpy scalars included.
+
+    Annotation files such as MTL-AQA's ``final_annotations_dict.pkl`` map tuples to dicts of numbers, some
+    of them numpy scalars; nothing else is admitted. ``latin1`` (the default here) reads Python-2 era files'
+    byte strings, as numpy scalars from them need; plain-ASCII text reads the same under it.
+    """
+    return _load(path, {**_PLAIN_ALLOW_LIST, **_numpy_scalar_allow_list()}, encoding)

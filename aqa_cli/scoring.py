@@ -478,6 +478,10 @@ class Scorer:
         result.clips = clips
         result.additive = {k: float(v[0]) for k, v in out.additive.items()}
         result.extras = summarise_extras(out)
+        # What the head itself says about the video besides numbers (the mtl head: action and commentary).
+        describe = getattr(h.model, "describe", None)
+        if describe is not None:
+            result.extras.update(describe(out, 0))
         result.backbone = feats.backbone
         result.features_source = feats.source
         result.video = feats.video

@@ -149,10 +149,19 @@ def fit(head_name: str, config: HeadConfig | dict, data: FeatureSet, settings: T
     """Train a fresh head on ``data`` for exactly ``settings.epochs`` epochs."""
     device = torch.device(device)
     set_seed(seed)
+    cls = head_class(head_name)
+    if isinstance(config, dict):
+        config = cls.config_class.from_dict(config)
+    # Heads that learn from more label columns than the target complete their config from the data (the mtl
+    # head's caption vocabulary) and check those labels before any training step.
+    config = cls.prepare_config(config, data)
     head = create_head(head_name, config).to(device)
     if data.feature_dim != head.config.in_dim:
         raise AqaError(f"features are {data.feature_dim}-d but the {head_name} head is configured for "
                        f"{head.config.in_dim}-d", path=data.feature_dir, fix="set the head's in_dim to match")
+    aux = head.encode_labels(data)  # None for heads that learn from the score alone
+    if aux is not None:
+        aux = {k: v.to(device) for k, v in aux.items()}
     rng = np.random.default_rng(seed)
     opt = _optimizer(head.parameters(), settings)
     targets = torch.as_tensor(data.targets, dtype=torch.float32)
@@ -171,7 +180,11 @@ def fit(head_name: str, config: HeadConfig | dict, data: FeatureSet, settings: T
                 continue  # BatchNorm needs two samples; a lone leftover video is seen again next epoch
             x, mask = _batch([data.features[j] for j in idx], settings.crop, rng)
             out = head(x.to(device), mask.to(device))
-            loss, parts = head.loss(out, targets[idx].to(device))
+            if aux is None:
+                loss, parts = head.loss(out, targets[idx].to(device))
+            else:
+                rows = torch.as_tensor(idx, device=device)
+                loss, parts = head.loss(out, targets[idx].to(device), {k: v[rows] for k, v in aux.items()})
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -285,11 +298,14 @@ def run_train_job(job: TrainJob, *, on_epoch: EpochCallback | None = None,
     if job.epochs is not None:
         train_values["epochs"] = job.epochs
     settings = TrainSettings.from_dict(train_values)
-    config = config_for(job.head, model_values)
+    # Completed once from every video (e.g. the mtl head's vocabulary), so fold models share it and can ship
+    # as one ensemble; a label problem is reported here, before any training.
+    config = head_class(job.head).prepare_config(config_for(job.head, model_values), data)
+    label_columns = head_class(job.head).label_columns(config)
     log: dict[str, Any] = {
         "head": job.head, "preset": job.preset, "target": data.target_name, "seed": job.seed,
         "features": str(job.features), "labels": str(job.labels), "n_videos": len(data),
-        "data_sha256": data.fingerprint(), "train_settings": dataclasses.asdict(settings),
+        "data_sha256": data.fingerprint(label_columns), "train_settings": dataclasses.asdict(settings),
         "config": json.loads(config.to_json()), "notes": data.notes, "torch_threads": torch.get_num_threads(),
     }
     cv = None

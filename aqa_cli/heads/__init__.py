@@ -12,7 +12,13 @@ real clip, False for padding) to a :class:`HeadOutput`:
 * ``extras``: what the head exposes besides (grade probabilities, attention
   maps) and what its loss needs (decoder embeddings).
 
-One module per head (``gdlt.py``, ``cofinal.py``, ``interp.py``), each with a
+Heads that learn from more than the score (``mtl``: action classes and a
+commentary) say so through three hooks: ``label_columns`` (the label-file columns
+they read), ``prepare_config`` (complete the config from the training data, e.g. a
+vocabulary) and ``encode_labels`` (those columns as tensors, handed to ``loss``).
+``describe`` turns their extras into plain data for ``aqa score``.
+
+One module per head (``gdlt.py``, ``cofinal.py``, ``interp.py``, ``mtl.py``), each with a
 config dataclass derived from :class:`HeadConfig` and a model derived from
 :class:`Head`; ``create_head`` and ``list_heads`` form the registry.
 """
@@ -22,12 +28,15 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from aqa_cli.errors import AqaError
+
+if TYPE_CHECKING:
+    from aqa_cli.dataset import FeatureSet
 
 
 def dataclass_from_dict(cls: type, values: dict[str, Any], what: str) -> Any:
@@ -90,8 +99,31 @@ class Head(nn.Module):
         raise NotImplementedError
 
     def loss(self, out: HeadOutput, target: Tensor) -> tuple[Tensor, dict[str, float]]:  # pragma: no cover
-        """Training loss for targets on the preset's scale: (total, {component: value})."""
+        """Training loss for targets on the preset's scale: (total, {component: value}).
+
+        A head whose ``encode_labels`` returns tensors is called as ``loss(out, target, labels)`` with
+        those tensors' rows for the batch."""
         raise NotImplementedError
+
+    # -- hooks for heads that learn from more than the score (defaults: they read nothing else)
+
+    @classmethod
+    def label_columns(cls, config: HeadConfig) -> list[str]:
+        """Label-file columns besides the target that this head learns from (they enter the data fingerprint)."""
+        return []
+
+    @classmethod
+    def prepare_config(cls, config: HeadConfig, data: FeatureSet) -> HeadConfig:
+        """The config completed from the training data (``data.aux``: each label column's text); checks it too."""
+        return config
+
+    def encode_labels(self, data: FeatureSet) -> dict[str, Tensor] | None:
+        """The auxiliary labels of ``data`` as tensors with one row per video, or None when the head reads none."""
+        return None
+
+    def describe(self, out: HeadOutput, index: int = 0) -> dict[str, Any]:
+        """Plain data about video ``index`` of ``out`` for reports (action names, text); none by default."""
+        return {}
 
     # -- helpers shared by the heads
 
@@ -141,9 +173,9 @@ def attention_decomposition(grade_probs: Tensor, attention: Tensor, grade_values
 # ------------------------------------------------------------------------------------------------- registry
 
 def _registry() -> dict[str, type[Head]]:
-    from aqa_cli.heads import cofinal, gdlt, interp
+    from aqa_cli.heads import cofinal, gdlt, interp, mtl
 
-    return {cls.name: cls for cls in (gdlt.GDLT, cofinal.CoFInAl, interp.InterpHead)}
+    return {cls.name: cls for cls in (gdlt.GDLT, cofinal.CoFInAl, interp.InterpHead, mtl.MTLHead)}
 
 
 def list_heads() -> list[str]:

@@ -60,8 +60,20 @@ class HeadEnsemble(nn.Module):
         if all("grade_probs" in o.extras and "grade_values" in o.extras for o in outs):
             extras["grade_probs"] = torch.stack([o.extras["grade_probs"] for o in outs]).mean(0)
             extras["grade_values"] = outs[0].extras["grade_values"]
+        # Members share one schema: the mean of their class probabilities is the ensemble's. Text cannot be
+        # averaged, so the commentary is the first member's.
+        for key in outs[0].extras:
+            if key.startswith("probs.") and all(key in o.extras for o in outs):
+                extras[key] = torch.stack([o.extras[key] for o in outs]).mean(0)
+            elif key in ("caption_tokens", "body_linear"):
+                extras[key] = outs[0].extras[key]
         return HeadOutput(score=member_scores.mean(1), weights=w.mean(0), clip_scores=clip_scores,
                           additive=additive, extras=extras)
+
+
+    def describe(self, out: HeadOutput, index: int = 0) -> dict[str, Any]:
+        """The first member's reading of the ensemble's output (members share one config)."""
+        return self.members[0].describe(out, index)
 
 
 @dataclass
