@@ -94,8 +94,9 @@ class _ClipRate(ProgressColumn):
 def extract_features(
     inputs: Annotated[list[Path], typer.Argument(help="Videos, or folders searched recursively by video extension.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for <stem>.npy and <stem>.json.")],
-    backbone: Annotated[str, typer.Option(help="Feature extractor: i3d (Kinetics-400 I3D) or vst (Video Swin-B "
-                                                "Kinetics-600, the published AQA features).")] = "i3d",
+    backbone: Annotated[str, typer.Option(help="Feature extractor: i3d (Kinetics-400 I3D), vst (Video Swin-B "
+                                                "Kinetics-600, the published AQA features) or pose (MediaPipe "
+                                                "BlazePose landmarks; needs mediapipe, see the README).")] = "i3d",
     weights: Annotated[Optional[str], typer.Option(help="Other weights of the same architecture (see `aqa weights "
                                                         "list`); default: the backbone's own.")] = None,
     device: DeviceOpt = "auto",

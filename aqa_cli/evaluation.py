@@ -12,7 +12,7 @@ from aqa_cli.dataset import FeatureSet, load_feature_set, read_labels
 from aqa_cli.errors import AqaError
 from aqa_cli.heads.checkpoint import load_head
 from aqa_cli.metrics import fisher_z_mean, report
-from aqa_cli.training import predict
+from aqa_cli.training import predict_set
 
 
 @dataclass
@@ -51,7 +51,7 @@ def evaluate(features: str | Path, labels: str | Path, weights: list[str | Path]
         if data is None:
             data = datasets[lab.column(target)] = load_feature_set(features, lab, target)
         loaded.check_features(data.features, data.ids, data.feature_dir, data.contract)
-        pred = predict(loaded.model, data.features, device=device)
+        pred = predict_set(loaded.model, data, device=device)
         results.append(Evaluation(weights=Path(w), target=data.target_name, head=loaded.head,
                                   metrics=report(pred, data.targets),
                                   predictions={vid: float(p) for vid, p in zip(data.ids, np.round(pred, 4))},

@@ -26,7 +26,7 @@ from aqa_cli import __version__
 from aqa_cli.backbones import Backbone
 from aqa_cli.clips import Clip, ClipPlan, plan_clips
 from aqa_cli.errors import AqaError, FeatureError
-from aqa_cli.fileio import remove_stale_temporaries, sha256_file, write_json, write_npy
+from aqa_cli.fileio import atomic_write, remove_stale_temporaries, sha256_file, write_json, write_npy
 from aqa_cli.recipes import Recipe
 from aqa_cli.video import VideoInfo, VideoReader, open_video
 
@@ -43,6 +43,9 @@ class VideoFeatures:
     info: VideoInfo
     recipe: Recipe
     backbone: dict
+    # Per-frame outputs [clips, clip_len, ...] of backbones that have them (the pose backbone's landmarks).
+    frames: dict[str, np.ndarray] | None = None
+    frame_outputs: dict[str, str] = field(default_factory=dict)  # their descriptions
 
 
 def iter_clip_batches(
@@ -153,11 +156,15 @@ def video_features(
             on_plan(plan)
         feats: list[np.ndarray] = []
         logits: list[np.ndarray] = []
+        per_frame: list[dict[str, np.ndarray]] = []
+        backbone.reset()  # a backbone that follows a person across clips starts afresh with each video
         for clips, batch in prefetch(iter_clip_batches(reader, plan, recipe, batch_size)):
-            f, lg = backbone(batch)
+            f, lg, fr = backbone.run(batch)
             feats.append(f)
             if lg is not None:
                 logits.append(lg)
+            if fr is not None:
+                per_frame.append(fr)
             if on_batch is not None:
                 on_batch(len(clips))
         features = np.concatenate(feats).astype(np.float32, copy=False)
@@ -171,6 +178,8 @@ def video_features(
             info=reader.info,
             recipe=recipe,
             backbone=backbone.identity(),
+            frames={k: np.concatenate([fr[k] for fr in per_frame]) for k in per_frame[0]} if per_frame else None,
+            frame_outputs=dict(backbone.frame_outputs),
         )
 
 
@@ -192,6 +201,31 @@ def output_paths(video: Path, out_dir: Path) -> tuple[Path, Path]:
     return out_dir / f"{video.stem}.npy", out_dir / f"{video.stem}.json"
 
 
+def frames_path(npy: Path) -> Path:
+    """The sidecar's companion file: per-frame outputs (the pose backbone's landmarks), ``<stem>.frames.npz``."""
+    return npy.with_name(f"{npy.stem}.frames.npz")
+
+
+def write_npz(target: Path, arrays: dict[str, np.ndarray]) -> Path:
+    def _write(p: Path) -> None:
+        with open(p, "wb") as fh:  # a file object: np.savez would append .npz to the temporary's name
+            np.savez(fh, **arrays)
+
+    return atomic_write(target, _write)
+
+
+def person_summary(person: np.ndarray) -> tuple[list[int], list[str]]:
+    """Frames with a person per clip, and warnings for frames and clips without one."""
+    per_clip = [int(n) for n in person.sum(axis=1)]
+    warnings = []
+    missing = int(person.size - person.sum())
+    if missing:
+        empty = sum(1 for n in per_clip if n == 0)
+        warnings.append(f"no person in {missing} of {person.size} frames"
+                        + (f"; {empty} of {len(per_clip)} clips have none at all" if empty else ""))
+    return per_clip, warnings
+
+
 def make_sidecar(result: VideoFeatures, video: Path, *, video_sha256: str, predictions: list[dict] | None) -> dict:
     sidecar = {
         "format": FEATURES_FORMAT,
@@ -209,6 +243,14 @@ def make_sidecar(result: VideoFeatures, video: Path, *, video_sha256: str, predi
     }
     if predictions is not None:
         sidecar["predictions"] = predictions
+    if result.frames is not None:
+        sidecar["frames_file"] = frames_path(Path(sidecar["features_file"])).name
+        sidecar["frames"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype),
+                                 "meaning": result.frame_outputs.get(k, "")} for k, v in result.frames.items()}
+        if "person" in result.frames:
+            per_clip, warnings = person_summary(result.frames["person"])
+            sidecar["person_frames"] = per_clip
+            sidecar["warnings"] = warnings
     return sidecar
 
 
@@ -263,6 +305,8 @@ def _is_complete(npy: Path, js: Path, backbone: Backbone, want_predictions: bool
         sidecar = read_sidecar(js)
         load_features(npy, sidecar)
     except FeatureError:
+        return None
+    if "frames_file" in sidecar and not (npy.parent / sidecar["frames_file"]).is_file():
         return None
     mine = backbone.identity()
     theirs = sidecar.get("backbone", {})
@@ -348,6 +392,9 @@ def _extract_one(video: Path, backbone: Backbone, npy: Path, js: Path, batch_siz
     # one goes first and a run killed in between leaves nothing that looks finished.
     js.unlink(missing_ok=True)
     write_npy(npy, result.features)
+    if result.frames is not None:
+        write_npz(frames_path(npy), result.frames)
     write_json(js, sidecar)
     return ExtractOutcome(video, "extracted", npy, js, clips=len(result.plan.clips),
-                          warnings=[*result.info.warnings, *result.plan.warnings], predictions=predictions)
+                          warnings=[*result.info.warnings, *result.plan.warnings, *sidecar.get("warnings", [])],
+                          predictions=predictions)

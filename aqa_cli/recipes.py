@@ -30,7 +30,9 @@ class Recipe:
     stride: int = 32
     leftover: str = "trim"
     resize_short: int = 256
-    crop: tuple[int, int] = (224, 224)
+    # None keeps the whole resized frame: a pose estimator must see the person wherever they are, and the
+    # frames of one video share one size, so its clips still stack.
+    crop: tuple[int, int] | None = (224, 224)
     # A second resize after the crop; the published VST recipe squashes 224x300 to 224x224.
     final_size: tuple[int, int] | None = None
     # Applied to RGB values scaled to [0, 1].
@@ -47,6 +49,8 @@ class Recipe:
 
     @property
     def input_size(self) -> tuple[int, int]:
+        if self.final_size is None and self.crop is None:
+            raise ValueError(f"recipe {self.name} keeps each video's own frame size")
         return self.final_size or self.crop
 
     def replace(self, **changes: object) -> Recipe:
@@ -82,6 +86,8 @@ class Recipe:
         (a portrait video under a landscape crop) is padded with black on both
         sides instead; the offsets are then negative.
         """
+        if self.crop is None:
+            return 0, 0, height, width
         ch, cw = self.crop
         return int(round((height - ch) / 2.0)), int(round((width - cw) / 2.0)), ch, cw
 
@@ -96,8 +102,9 @@ class Recipe:
         size = self.resized_size(*x.shape[-2:])
         if tuple(x.shape[-2:]) != size:  # skip a needless interpolation pass (it would be an identity)
             x = TF.resize(x, list(size), interpolation=mode, antialias=self.antialias)
-        x = TF.center_crop(x, list(self.crop))
-        if self.final_size is not None and tuple(self.final_size) != tuple(self.crop):
+        if self.crop is not None:
+            x = TF.center_crop(x, list(self.crop))
+        if self.final_size is not None and (self.crop is None or tuple(self.final_size) != tuple(self.crop)):
             x = TF.resize(x, list(self.final_size), interpolation=mode, antialias=self.antialias)
         return x.permute(0, 2, 3, 1).contiguous().numpy()
 
@@ -128,3 +135,9 @@ GDLT_RECIPE = Recipe(
     mean=(123.675 / 255, 116.28 / 255, 103.53 / 255),
     std=(58.395 / 255, 57.12 / 255, 57.375 / 255),
 )
+
+# The pose backbone (MediaPipe BlazePose): 25 fps and 32-frame clips as for I3D, so clip times line up with the
+# other backbones'; short side 480 and no crop, because the person may be anywhere in the frame (BlazePose
+# re-crops around the person itself, from this frame). The values are never normalised: the estimator takes
+# uint8 RGB.
+POSE_RECIPE = Recipe(name="pose-blazepose", fps=25.0, resize_short=480, crop=None)

@@ -423,7 +423,9 @@ class Scorer:
         if self.cache is not None:
             # Keyed by the weights' recorded sha256, so a cache hit needs no backbone at all;
             # weights not yet converted have no record, and are built (fetched) first.
-            weights_sha = recorded_sha256(spec.weights) or self._backbone(backbone).weights_sha256
+            # A self-built backbone (pose) is not in the weights registry: its own identity names its models.
+            weights_sha = (None if spec.factory is not None else recorded_sha256(spec.weights)) \
+                or self._backbone(backbone).weights_sha256
             key = cache_key(video_sha256=video_sha, backbone=backbone, weights=spec.weights,
                             weights_sha256=weights_sha, recipe=spec.recipe.to_dict(), precision=self.precision)
             hit = self.cache.get(key)

@@ -124,6 +124,14 @@ def predict(model: torch.nn.Module, features: list[np.ndarray], *, device: torch
     return out
 
 
+def predict_set(model: torch.nn.Module, data: FeatureSet, *, device: torch.device | str = "cpu") -> np.ndarray:
+    """:func:`predict` on a labelled set, with the head's label rule applied (``Head.apply_labels``: the pose
+    head's execution score × difficulty); the scores to compare with ``data.targets``."""
+    pred = predict(model, data.features, device=device)
+    rule = getattr(model, "apply_labels", None)
+    return rule(pred, data) if rule is not None else pred
+
+
 def _optimizer(params, s: TrainSettings) -> torch.optim.Optimizer:
     if s.optimizer == "sgd":
         return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
@@ -196,7 +204,7 @@ def fit(head_name: str, config: HeadConfig | dict, data: FeatureSet, settings: T
         record["lr"] = _lr_at(epoch, settings)
         last = epoch + 1 == settings.epochs
         if val is not None and (last or (settings.eval_every and (epoch + 1) % settings.eval_every == 0)):
-            record["val_spearman"] = spearman(predict(head, val.features, device=device), val.targets)
+            record["val_spearman"] = spearman(predict_set(head, val, device=device), val.targets)
         history.append(record)
         if on_epoch is not None:
             on_epoch(fold, epoch + 1, {**record, "of": settings.epochs})
@@ -234,7 +242,7 @@ def cross_validate(head_name: str, config: HeadConfig | dict, data: FeatureSet, 
         val = data.subset(val_idx)
         res = fit(head_name, config, data.subset(train_idx), settings, seed=seed + k, device=device, val=val,
                   fold=k, on_epoch=on_epoch)
-        pred = predict(res.head, val.features, device=device)
+        pred = predict_set(res.head, val, device=device)
         oof[val_idx] = pred
         rhos.append(spearman(pred, val.targets))
         sizes.append(len(val_idx))
@@ -328,7 +336,7 @@ def run_train_job(job: TrainJob, *, on_epoch: EpochCallback | None = None,
         log["history"] = history
     else:
         members, seconds = cv.heads, cv.seconds
-    train_pred = predict(members[0] if len(members) == 1 else _ensemble(members), data.features, device=job.device)
+    train_pred = predict_set(members[0] if len(members) == 1 else _ensemble(members), data, device=job.device)
     log["train_fit"] = report(train_pred, data.targets)  # in-sample: a sanity check, not an estimate
     log["train_seconds"] = seconds
     log["total_seconds"] = seconds + (cv.seconds if cv is not None and job.final == "all" else 0.0)

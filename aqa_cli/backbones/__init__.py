@@ -32,7 +32,10 @@ class BackboneSpec:
     recipe: Recipe
     feature_dim: int
     # Builds the model and loads a converted state dict (and its safetensors metadata) into it.
-    build: Callable[[dict[str, torch.Tensor], dict[str, str]], nn.Module]
+    build: Callable[[dict[str, torch.Tensor], dict[str, str]], nn.Module] | None = None
+    # A backbone whose model is not a torch module in our weights registry (MediaPipe's pose estimator ships
+    # inside its own package) builds itself: factory(spec, device, precision) → Backbone.
+    factory: Callable[[BackboneSpec, torch.device, str], Backbone] | None = None
 
 
 class Backbone:
@@ -72,11 +75,23 @@ class Backbone:
         logits = None if out.logits is None else out.logits.float().cpu().numpy()
         return feats, logits
 
+    # Per-frame outputs. Most backbones have none; the pose backbone also returns each frame's landmarks,
+    # which extraction saves beside the features (the sidecar's companion file).
+    frame_outputs: dict[str, str] = {}  # array name → what it holds, recorded in the sidecar
+
+    def reset(self) -> None:
+        """Called before each video: a backbone that follows something across clips forgets it here."""
+
+    def run(self, clips: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray] | None]:
+        """(features, logits, per-frame arrays [B, T, ...] or None); the default has no per-frame output."""
+        feats, logits = self(clips)
+        return feats, logits, None
+
 
 def _registry() -> dict[str, BackboneSpec]:
-    from aqa_cli.backbones import i3d, vst
+    from aqa_cli.backbones import i3d, pose, vst
 
-    return {spec.name: spec for spec in (i3d.BACKBONE, vst.BACKBONE)}
+    return {spec.name: spec for spec in (i3d.BACKBONE, vst.BACKBONE, pose.BACKBONE)}
 
 
 def weights_specs() -> dict:
@@ -118,6 +133,12 @@ def create_backbone(name: str, *, device: str = "auto", precision: str = "fp32",
     from aqa_cli.weights import get_spec, load_weights
 
     spec = get_backbone_spec(name)
+    if spec.factory is not None:
+        if weights is not None and weights != spec.weights:
+            raise AqaError(f"the {name} backbone has no alternative weights", fix="drop --weights")
+        if precision not in PRECISIONS:
+            raise AqaError(f"unknown precision {precision!r}", fix=f"choose one of: {', '.join(PRECISIONS)}")
+        return spec.factory(spec, resolve_device(device), precision)
     if weights is not None and weights != spec.weights:
         default_arch = get_spec(spec.weights).architecture
         if get_spec(weights).architecture != default_arch:

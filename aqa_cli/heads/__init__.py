@@ -18,7 +18,7 @@ they read), ``prepare_config`` (complete the config from the training data, e.g.
 vocabulary) and ``encode_labels`` (those columns as tensors, handed to ``loss``).
 ``describe`` turns their extras into plain data for ``aqa score``.
 
-One module per head (``gdlt.py``, ``cofinal.py``, ``interp.py``, ``mtl.py``), each with a
+One module per head (``gdlt.py``, ``cofinal.py``, ``interp.py``, ``mtl.py``, ``pose.py``), each with a
 config dataclass derived from :class:`HeadConfig` and a model derived from
 :class:`Head`; ``create_head`` and ``list_heads`` form the registry.
 """
@@ -125,6 +125,12 @@ class Head(nn.Module):
         """Plain data about video ``index`` of ``out`` for reports (action names, text); none by default."""
         return {}
 
+    def apply_labels(self, scores: Any, data: FeatureSet) -> Any:
+        """Predicted scores (numpy [videos]) made into the target's, where the labels of ``data`` say more: the
+        ``pose`` head learns execution scores and multiplies them by each dive's difficulty here. Identity by
+        default. Training (fold predictions) and ``aqa evaluate`` call it."""
+        return scores
+
     # -- helpers shared by the heads
 
     def normalise(self, score: Tensor) -> Tensor:
@@ -173,9 +179,9 @@ def attention_decomposition(grade_probs: Tensor, attention: Tensor, grade_values
 # ------------------------------------------------------------------------------------------------- registry
 
 def _registry() -> dict[str, type[Head]]:
-    from aqa_cli.heads import cofinal, gdlt, interp, mtl
+    from aqa_cli.heads import cofinal, gdlt, interp, mtl, pose
 
-    return {cls.name: cls for cls in (gdlt.GDLT, cofinal.CoFInAl, interp.InterpHead, mtl.MTLHead)}
+    return {cls.name: cls for cls in (gdlt.GDLT, cofinal.CoFInAl, interp.InterpHead, mtl.MTLHead, pose.PoseHead)}
 
 
 def list_heads() -> list[str]:

@@ -65,7 +65,7 @@ class HeadEnsemble(nn.Module):
         for key in outs[0].extras:
             if key.startswith("probs.") and all(key in o.extras for o in outs):
                 extras[key] = torch.stack([o.extras[key] for o in outs]).mean(0)
-            elif key in ("caption_tokens", "body_linear"):
+            elif key in ("caption_tokens", "body_linear", "execution_scale"):
                 extras[key] = outs[0].extras[key]
         return HeadOutput(score=member_scores.mean(1), weights=w.mean(0), clip_scores=clip_scores,
                           additive=additive, extras=extras)
@@ -74,6 +74,10 @@ class HeadEnsemble(nn.Module):
     def describe(self, out: HeadOutput, index: int = 0) -> dict[str, Any]:
         """The first member's reading of the ensemble's output (members share one config)."""
         return self.members[0].describe(out, index)
+
+    def apply_labels(self, scores: Any, data: Any) -> Any:
+        """Members share one config, so the first member's label rule (e.g. × difficulty) is the ensemble's."""
+        return self.members[0].apply_labels(scores, data)
 
 
 @dataclass
