@@ -542,6 +542,9 @@ def train(
     final: Annotated[str, typer.Option(help="all: one model on every video; folds: ship the K fold models as an ensemble.")] = "all",
     half: Annotated[bool, typer.Option(help="Store float16 tensors (half the file size).")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE over the preset's training or model settings (repeatable), e.g. --set lr=0.005.")] = None,
+    cv_from: Annotated[Optional[Path], typer.Option(help="With --folds K --final all: take the cross-validation from "
+                                                         "the log of an earlier run of the same job (checked) instead "
+                                                         "of recomputing it, and train only the final model.")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Train a scoring head on clip features; optionally cross-validate it first."""
@@ -561,7 +564,7 @@ def train(
             overrides[key.strip()] = value
     job = TrainJob(features=str(features), labels=str(labels), target=target, head=head, out=str(out_path), preset=preset,
                    epochs=epochs, seed=seed, folds=folds, final=final, device=str(resolve_device(device)), half=half,
-                   overrides=overrides)
+                   overrides=overrides, cv_from=str(cv_from) if cv_from else None)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                    TimeElapsedColumn(), console=err, transient=False) as progress:
         task = progress.add_task("training", total=None, info="")

@@ -275,6 +275,9 @@ class TrainJob:
     device: str = "cpu"
     half: bool = False  # store float16 tensors (half the size; scores change by < 1e-3 points)
     overrides: dict[str, Any] = field(default_factory=dict)  # train/model settings over the preset's
+    # The training log of an earlier run of this very job with --folds K: its cross-validation is taken over
+    # instead of recomputed (training is deterministic, so recomputing would give the same figures).
+    cv_from: str | None = None
 
 
 def run_train_job(job: TrainJob, *, on_epoch: EpochCallback | None = None,
@@ -318,7 +321,12 @@ def run_train_job(job: TrainJob, *, on_epoch: EpochCallback | None = None,
     }
     cv = None
     stages = (job.folds if job.folds >= 2 else 0) + (1 if job.final == "all" else 0)
-    if job.folds >= 2:
+    if job.cv_from:
+        if job.final != "all":
+            raise AqaError("--cv-from reuses the figures of a cross-validation, not its models",
+                           fix="use it with --final all, or drop it to train the fold models again")
+        log.update(reused_cv(job.cv_from, log, job.folds))
+    elif job.folds >= 2:
         if on_stage:
             on_stage("cross-validation", 0, stages)
         cv = cross_validate(job.head, config, data, settings, folds=job.folds, seed=job.seed, device=job.device,
@@ -339,7 +347,7 @@ def run_train_job(job: TrainJob, *, on_epoch: EpochCallback | None = None,
     train_pred = predict_set(members[0] if len(members) == 1 else _ensemble(members), data, device=job.device)
     log["train_fit"] = report(train_pred, data.targets)  # in-sample: a sanity check, not an estimate
     log["train_seconds"] = seconds
-    log["total_seconds"] = seconds + (cv.seconds if cv is not None and job.final == "all" else 0.0)
+    log["total_seconds"] = seconds + (log["cv"]["seconds"] if "cv" in log and job.final == "all" else 0.0)
     contract = {"backbone": (preset.backbone if preset else data.contract.get("backbone", {}).get("name")),
                 "feature_dim": data.feature_dim, "recipe": data.contract.get("recipe", {}).get("name")}
     scale = {"score_min": config.score_min, "score_max": config.score_max,
@@ -354,6 +362,35 @@ def run_train_job(job: TrainJob, *, on_epoch: EpochCallback | None = None,
     log["checkpoint"] = str(out)
     write_json(out.with_suffix(".log.json"), log)
     return log
+
+
+def reused_cv(path: str, log: dict[str, Any], folds: int) -> dict[str, Any]:
+    """The cross-validation entries of an earlier log, after checking it ran this very job: same head,
+    target, data (sha256), seed, settings, config and fold count. Anything else is refused by name."""
+    from pathlib import Path
+
+    try:
+        earlier = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise AqaError(f"cannot read the training log ({exc})", path=path,
+                       fix="give the .log.json written beside an `aqa train --folds K` checkpoint") from None
+    if "cv" not in earlier:
+        raise AqaError("this training log has no cross-validation", path=path, fix="give a log of a --folds K run")
+    keys = ("head", "target", "data_sha256", "seed", "train_settings")
+    differ = [k for k in keys if earlier.get(k) != log[k]]
+    # A setting added to the head after the earlier run counts as equal when it holds its default, which is
+    # what that run had.
+    defaults = json.loads(head_class(log["head"]).config_class().to_json()) if earlier.get("head") == log["head"] else {}
+    then = {**{k: v for k, v in defaults.items() if k not in earlier.get("config", {})}, **earlier.get("config", {})}
+    differ += [f"config.{k}" for k in sorted(set(then) | set(log["config"])) if then.get(k) != log["config"].get(k)]
+    if earlier["cv"].get("folds") != folds:
+        differ.append(f"folds ({earlier['cv'].get('folds')} there, {folds} here)")
+    if differ:
+        raise AqaError(f"the earlier run differs from this one in {', '.join(differ)}", path=path,
+                       fix="repeat its settings exactly, or drop --cv-from to cross-validate again")
+    taken = {k: earlier[k] for k in ("cv", "cv_histories", "cv_oof") if k in earlier}
+    taken["cv_reused_from"] = Path(path).name
+    return taken
 
 
 def _ensemble(members: list[Head]) -> torch.nn.Module:

@@ -48,7 +48,7 @@ from pathlib import Path
 from _common import FPS, HEIGHT, OUT_DIR, WIDTH, cpu_model, video_for
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "samples" / "moving_disc.mp4"
+SAMPLE = REPO / "samples" / "routine_fall.mp4"  # the README's first command scores it
 
 
 # ------------------------------------------------------------------------------------------------- worker side

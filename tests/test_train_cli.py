@@ -113,6 +113,22 @@ def test_train_cross_validate_and_evaluate(tmp_path):
 
     a, b = load_file(str(ck)), load_file(str(ck2))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # --cv-from takes the cross-validation over from the first run's log and trains only the final model:
+    # the same model and the same figures as running both again.
+    ck3 = tmp_path / "reused.safetensors"
+    res3 = run_aqa("train", "--features", f, "--labels", f / "labels.csv", *TRAIN_ARGS, "--folds", "3",
+                   "--cv-from", ck.with_suffix(".log.json"), "--out", ck3, timeout=300)
+    assert res3.returncode == 0, res3.stderr
+    c = load_file(str(ck3))
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    log3 = json.loads(ck3.with_suffix(".log.json").read_text())
+    assert log3["cv"] == log["cv"] and log3["cv_reused_from"] == "m.log.json"
+    assert json.loads(load_head(ck3).metadata["cv"]) == log["cv"]
+    other = [a if a != "7" else "8" for a in TRAIN_ARGS]  # another seed: not the same job
+    refused = run_aqa("train", "--features", f, "--labels", f / "labels.csv", *other, "--folds", "3",
+                      "--cv-from", ck.with_suffix(".log.json"), "--out", tmp_path / "x.safetensors", timeout=300)
+    assert refused.returncode != 0 and "differs from this one in seed" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "x.safetensors").exists()
     ev = run_aqa("evaluate", "--features", f, "--labels", f / "labels.csv", "--weights", ck, "--json", timeout=120)
     assert ev.returncode == 0, ev.stderr
     out = json.loads(ev.stdout)
