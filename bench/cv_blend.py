@@ -2,6 +2,7 @@
 
     python bench/cv_blend.py TES weights/fisv-tes-*.safetensors
     python bench/cv_blend.py PCS weights/fisv-pcs-*.safetensors
+    python bench/cv_blend.py TES RUN/fisv-tes-cofinal.safetensors --parts   # also each additive term alone
 
 Every file must be a fold ensemble (`aqa train --folds K --final folds`) trained on the
 same data with the same seed, so that fold k's model in each file never saw the same
@@ -23,10 +24,13 @@ REPO = Path(__file__).resolve().parents[1]
 FISV = REPO.parent / "shared" / "data" / "fisv"
 
 
-def out_of_fold(path: Path, data) -> tuple[np.ndarray, np.ndarray]:
-    """Each video's score by the fold model that did not see it, and the fold of each video."""
+def out_of_fold(path: Path, data) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Each video's score by the fold model that did not see it, the fold of each video, and the score's
+    additive terms (e.g. CoFInAl's fine sub-grade step) by the same models."""
+    import torch
+
     from aqa_cli.heads.checkpoint import load_head
-    from aqa_cli.training import fold_assignment, predict
+    from aqa_cli.training import fold_assignment
 
     loaded = load_head(path)
     meta = loaded.metadata
@@ -37,10 +41,15 @@ def out_of_fold(path: Path, data) -> tuple[np.ndarray, np.ndarray]:
     cv = json.loads(meta["cv"])
     assign = fold_assignment(data.targets, cv["folds"], int(meta["seed"]))
     oof = np.empty(len(data))
-    for k, member in enumerate(loaded.model.members):
-        idx = np.flatnonzero(assign == k)
-        oof[idx] = predict(member, [data.features[i] for i in idx])
-    return oof, assign
+    parts: dict[str, np.ndarray] = {}
+    with torch.inference_mode():
+        for k, member in enumerate(loaded.model.members):
+            for i in np.flatnonzero(assign == k):
+                out = member(torch.from_numpy(np.asarray(data.features[i], dtype=np.float32))[None])
+                oof[i] = float(out.score)
+                for name, value in out.additive.items():
+                    parts.setdefault(name, np.zeros(len(data)))[i] = float(value)
+    return oof, assign, parts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,11 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     from aqa_cli.dataset import load_feature_set
     from aqa_cli.metrics import spearman
 
+    show_parts = "--parts" in argv
+    argv = [a for a in argv if a != "--parts"]
     target, paths = argv[0], [Path(p) for p in argv[1:]]
     data = load_feature_set(FISV / "features", FISV / "train.csv", target)
     preds, assign = {}, None
     for path in paths:
-        preds[path], a = out_of_fold(path, data)
+        preds[path], a, parts = out_of_fold(path, data)
+        if show_parts:
+            for name, value in parts.items():
+                print(f"{path.stem}: out-of-fold ρ of the score without {name} "
+                      f"{spearman(preds[path] - value, data.targets):.3f}, of {name} alone "
+                      f"{spearman(value, data.targets):.3f}")
         if assign is not None and not np.array_equal(a, assign):
             raise SystemExit(f"{path}: its folds differ from {paths[0]} (another seed or fold count)")
         assign = a
