@@ -46,3 +46,13 @@ def run_aqa(*args: str | os.PathLike, env: dict | None = None, timeout: float = 
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "aqa_cli", *map(str, args)], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=REPO)
+
+
+def write_labels_csv(path: Path, rows: list[dict]) -> None:
+    """A label CSV with a header from the first row's keys, as `aqa train` reads it."""
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

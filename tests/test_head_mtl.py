@@ -21,7 +21,7 @@ from aqa_cli.heads.checkpoint import load_head, save_head
 from aqa_cli.heads.mtl import ADDITIVE, build_vocab, tokenize
 from aqa_cli.metrics import spearman
 from aqa_cli.training import TrainSettings, fit
-from conftest import run_aqa
+from conftest import run_aqa, write_labels_csv
 
 POSITIONS = ["free", "tuck", "pike"]
 SCHEMA = [{"name": "position", "classes": POSITIONS},
@@ -53,10 +53,7 @@ def write_planted(folder, n: int, seed: int, dim: int = 16, captions: bool = Tru
         np.save(folder / f"v{i:03d}.npy", x)
         rows.append({"video": f"v{i:03d}", "final_score": f"{score:.3f}", "position": POSITIONS[pos],
                      "armstand": ["no", "yes"][arm], "caption": rule_caption(pos, arm) if captions else ""})
-    with open(folder / "labels.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_labels_csv(folder / "labels.csv", rows)
     return rows
 
 

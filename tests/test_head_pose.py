@@ -3,8 +3,6 @@ execution × difficulty), the exact decomposition, the exemplar bank in the chec
 
 from __future__ import annotations
 
-import csv
-
 import numpy as np
 import pytest
 import torch
@@ -15,6 +13,7 @@ from aqa_cli.heads import create_head
 from aqa_cli.heads.checkpoint import load_head, save_head
 from aqa_cli.metrics import spearman
 from aqa_cli.training import TrainSettings, fit, predict, predict_set
+from conftest import write_labels_csv
 
 STEPS = ["approach", "takeoff", "flight", "entry"]
 DIM = 40
@@ -47,10 +46,7 @@ def write_planted(folder, n: int, seed: int) -> list[dict]:
         np.save(folder / f"d{i:03d}.npy", x)
         rows.append({"video": f"d{i:03d}", "dive_score": f"{execution * dd:.4f}", "difficulty": f"{dd}",
                      "steps": " ".join(STEPS[s] for s in steps), "execution": f"{execution:.4f}"})
-    with open(folder / "labels.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_labels_csv(folder / "labels.csv", rows)
     return rows
 
 
