@@ -18,7 +18,7 @@ assembly, cache and JSON writes) is the rest. Decoding on its own (the same clip
 no model) is timed in a separate worker, because inside the command it overlaps with
 the backbone. Peak RSS is ``ru_maxrss`` of the scoring worker.
 
-Cases: the bundled sample (6.4 s, 640x360) and a generated 3-minute 640x360 25 fps
+Cases: the bundled sample (`samples/routine_fall.mp4`, 9 s, 256x256) and a generated 3-minute 640x360 25 fps
 video (``moving_scene``, cached in ``bench/out/videos/``), about the length of a Fis-V
 programme. The heads are untrained I3D-contract heads (speed does not depend on their
 values): GDLT for the first call, the interpretable head for the second.
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     head_paths = heads()
     long_video = video_for(seconds)
-    results = [measure("sample (6.4 s)", SAMPLE, head_paths), measure(f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s", long_video, head_paths)]
+    results = [measure(f"sample ({SAMPLE.name})", SAMPLE, head_paths), measure(f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s", long_video, head_paths)]
     print_table(results)
     report = {
         "benchmark": "score",
