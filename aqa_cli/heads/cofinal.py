@@ -84,7 +84,9 @@ from torch import Tensor, nn
 
 from aqa_cli.errors import AqaError
 from aqa_cli.heads import Head, HeadConfig, HeadOutput, attention_decomposition, check_inputs
-from aqa_cli.heads.layers import ClipProjection, decoder_layer, grade_transformer
+from aqa_cli.heads.layers import ClipProjection, decode_grades, grade_transformer
+from aqa_cli.heads.layers import official_state_dict as state_dict_from_official
+from aqa_cli.heads.layers import official_stem_shapes, sigmoid_normalised
 
 FINE_HEADS = ("paper", "official")
 
@@ -224,7 +226,6 @@ class CoFInAl(Head):
         c = self.config
         mask = check_inputs(features, mask, c.in_dim)
         pad = ~mask
-        b = features.shape[0]
         x = self.in_proj(features)
         clips = self.transformer.encoder(x, src_key_padding_mask=pad)
 
@@ -236,21 +237,17 @@ class CoFInAl(Head):
             memory, procedure_attn, memory_pad = clips, None, pad
 
         # GPM: the grade prototypes read the memory; the last layer's cross-attention explains.
-        h_c = self.prototype.weight.unsqueeze(0).expand(b, -1, -1)
-        grade_attn = None
-        for layer in self.transformer.decoder.layers:
-            h_c, _, grade_attn = decoder_layer(layer, h_c, memory, memory_pad)
-        h_c = self.transformer.decoder.norm(h_c)
+        h_c, grade_attn = decode_grades(self.transformer, self.prototype, memory, memory_pad)
         clip_attn = grade_attn if procedure_attn is None else grade_attn @ procedure_attn  # [B, G, T]
 
         # Coarse: the expected grade value under p (and the reverted head's, as a mixture).
         logits = torch.diagonal(self.regressor(h_c), dim1=-2, dim2=-1)  # [B, G]
-        probs = _sigmoid_normalised(logits)
+        probs = sigmoid_normalised(logits)
         extras: dict[str, Tensor] = {"coarse_logits": logits}
         if self.regressor_revert is not None:
             logits_rev = torch.diagonal(self.regressor_revert(h_c), dim1=-2, dim2=-1)
             extras["coarse_logits_revert"] = logits_rev
-            mix = torch.cat([probs, _sigmoid_normalised(logits_rev)], dim=1) / 2
+            mix = torch.cat([probs, sigmoid_normalised(logits_rev)], dim=1) / 2
             values = torch.cat([self.grade_values, 1 - self.revert_values])
             attn = torch.cat([clip_attn, clip_attn], dim=1)
         else:
@@ -373,12 +370,6 @@ def graph_regularisation(prototypes: Tensor) -> Tensor:
     return (target * (target.log() - pred.log())).sum(dim=1).mean()
 
 
-def _sigmoid_normalised(logits: Tensor) -> Tensor:
-    """The official grade probabilities: σ(logit_g) / Σ_j σ(logit_j)."""
-    s = torch.sigmoid(logits)
-    return s / s.sum(dim=1, keepdim=True)
-
-
 def _soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     """−Σ_g t_g·log p_g with p the sigmoid-normalised probabilities, computed in log space."""
     log_s = F.logsigmoid(logits)
@@ -428,11 +419,6 @@ def official_grade_values(activation: int, n_grades: int = 4) -> tuple[tuple[flo
     raise AqaError(f"unknown official activation mode {activation}", fix="use 0, 1, 2 or 3")
 
 
-def state_dict_from_official(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The official repository's ``model.state_dict()`` (optionally saved from ``nn.DataParallel``)."""
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
 def config_from_official(state: Mapping[str, Tensor], score_max: float = 25.0, *, activation: int = 3,
                          n_head: int = 1, dropout: float = 0.3) -> CoFInAlConfig:
     """Infer the architecture from an official state dict.
@@ -443,19 +429,14 @@ def config_from_official(state: Mapping[str, Tensor], score_max: float = 25.0, *
     the number of attention heads (1; the official Fis-V scripts pass 7).
     """
     state = state_dict_from_official(state)
-    n_grades, hidden = state["prototype.weight"].shape
-    in_dim = state["in_proj.0.weight"].shape[1]
-    n_enc = len({k.split(".")[3] for k in state if k.startswith("transformer.encoder.layers.")})
-    n_dec = len({k.split(".")[3] for k in state if k.startswith("transformer.decoder.layers.")})
-    ffn = state["transformer.encoder.layers.0.linear1.weight"].shape[0]
+    stem = official_stem_shapes(state)
     etf_dim, n_sub = state["etf_vec1"].shape
     official_fine = "regressori.0.1.weight" in state
     revert = "regressor_revert.weight" in state
-    n_proc = state["tfm.query.weight"].shape[0] // hidden if "tfm.query.weight" in state else 0
-    values, revert_values = official_grade_values(activation, n_grades)
+    n_proc = state["tfm.query.weight"].shape[0] // stem["hidden_dim"] if "tfm.query.weight" in state else 0
+    values, revert_values = official_grade_values(activation, stem["n_grades"])
     return CoFInAlConfig(
-        in_dim=in_dim, hidden_dim=hidden, n_head=n_head, n_encoder=n_enc, n_decoder=n_dec,
-        ffn_factor=ffn // hidden, n_grades=n_grades, n_procedures=n_proc, n_subgrades=n_sub,
+        **stem, n_head=n_head, n_procedures=n_proc, n_subgrades=n_sub,
         coarse_step=0.01, grade_values=values, revert_head=revert, revert_values=revert_values,
         fine_head="official" if official_fine else "paper",
         fine_hidden=state["regressori.0.1.weight"].shape[0] if official_fine else 256,

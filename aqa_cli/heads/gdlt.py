@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aqa_cli.heads import Head, HeadConfig, HeadOutput, attention_decomposition, check_inputs
-from aqa_cli.heads.layers import ClipProjection, decoder_layer, grade_transformer
+from aqa_cli.heads.layers import ClipProjection, decode_grades, grade_transformer, official_stem_shapes
+from aqa_cli.heads.layers import official_state_dict as state_dict_from_official
+from aqa_cli.heads.layers import sigmoid_normalised
 
 
 @dataclass
@@ -65,14 +67,9 @@ class GDLT(Head):
         pad = ~mask
         x = self.in_proj(features)
         memory = self.transformer.encoder(x, src_key_padding_mask=pad)
-        q = self.prototype.weight.unsqueeze(0).expand(features.shape[0], -1, -1)
-        cross = None
-        for layer in self.transformer.decoder.layers:
-            q, _, cross = decoder_layer(layer, q, memory, pad)
-        q = self.transformer.decoder.norm(q)
+        q, cross = decode_grades(self.transformer, self.prototype, memory, pad)
         responses = torch.diagonal(self.regressor(q), dim1=-2, dim2=-1)  # [B, G]
-        probs = torch.sigmoid(responses)
-        probs = probs / probs.sum(dim=1, keepdim=True)
+        probs = sigmoid_normalised(responses)
         unit = (probs * self.grade_values).sum(dim=1)
         values = self.denormalise(self.grade_values)
         weights, clip_scores = attention_decomposition(probs, cross, values, mask)
@@ -101,18 +98,6 @@ def hardest_triplet_loss(embeddings: Tensor, labels: Tensor, margin: float) -> T
     return F.relu(hardest_pos - hardest_neg + margin).mean()
 
 
-def state_dict_from_official(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The official repository's ``model.state_dict()`` (optionally saved from ``nn.DataParallel``)."""
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
-
-
 def config_from_official(state: Mapping[str, Tensor], score_max: float = 25.0) -> GDLTConfig:
     """Infer the architecture from an official state dict; its scores were labels ÷ 25."""
-    state = state_dict_from_official(state)
-    n_grades, hidden = state["prototype.weight"].shape
-    in_dim = state["in_proj.0.weight"].shape[1]
-    n_enc = len({k.split(".")[3] for k in state if k.startswith("transformer.encoder.layers.")})
-    n_dec = len({k.split(".")[3] for k in state if k.startswith("transformer.decoder.layers.")})
-    ffn = state["transformer.encoder.layers.0.linear1.weight"].shape[0]
-    return GDLTConfig(in_dim=in_dim, hidden_dim=hidden, n_encoder=n_enc, n_decoder=n_dec, n_grades=n_grades,
-                      ffn_factor=ffn // hidden, score_min=0.0, score_max=score_max)
+    return GDLTConfig(**official_stem_shapes(state_dict_from_official(state)), score_min=0.0, score_max=score_max)

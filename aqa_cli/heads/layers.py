@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -73,3 +77,39 @@ def grade_transformer(d_model: int, nhead: int, num_encoder: int, num_decoder: i
         if p.dim() > 1:
             nn.init.xavier_uniform_(p)
     return module
+
+
+def decode_grades(transformer: nn.Module, prototype: nn.Embedding, memory: Tensor,
+                  memory_pad: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The grade prototypes read ``memory`` through the decoder of :func:`grade_transformer` (GDLT, and CoFInAl's
+    GPM): the decoded grades [B, G, d] after the final norm, and the last layer's cross-attention [B, G, T],
+    which the per-clip explanation is made of."""
+    h = prototype.weight.unsqueeze(0).expand(memory.shape[0], -1, -1)
+    cross = None
+    for layer in transformer.decoder.layers:
+        h, _, cross = decoder_layer(layer, h, memory, memory_pad)
+    return transformer.decoder.norm(h), cross
+
+
+def sigmoid_normalised(logits: Tensor) -> Tensor:
+    """The official grade probabilities of GDLT and CoFInAl: σ(logit_g) / Σ_j σ(logit_j)."""
+    s = torch.sigmoid(logits)
+    return s / s.sum(dim=1, keepdim=True)
+
+
+def official_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """An official GDLT or CoFInAl ``model.state_dict()`` (optionally saved from ``nn.DataParallel``)."""
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def official_stem_shapes(state: Mapping[str, Tensor]) -> dict[str, Any]:
+    """The sizes of the projection, transformer and prototypes that GDLT and CoFInAl share, read from an
+    official state dict (after :func:`official_state_dict`), as config fields."""
+    n_grades, hidden = state["prototype.weight"].shape
+    ffn = state["transformer.encoder.layers.0.linear1.weight"].shape[0]
+    return {
+        "in_dim": state["in_proj.0.weight"].shape[1], "hidden_dim": hidden, "n_grades": n_grades,
+        "n_encoder": len({k.split(".")[3] for k in state if k.startswith("transformer.encoder.layers.")}),
+        "n_decoder": len({k.split(".")[3] for k in state if k.startswith("transformer.decoder.layers.")}),
+        "ffn_factor": ffn // hidden,
+    }
