@@ -326,6 +326,10 @@ def _render_score(r) -> None:  # noqa: ANN001 - a VideoScore
         line = r.extras["commentary"]
         shown = f'"{line}"' if line else "(none: the head was trained without captions)"
         out.print(f"  commentary: {shown}", highlight=False)
+    if r.extras.get("steps"):
+        out.print("  steps: " + " · ".join(f"{run['step']} {run['start_s']:.2f}–{run['end_s']:.2f} s"
+                                          if "start_s" in run else run["step"] for run in r.extras["steps"]),
+                  highlight=False)
     if r.extras.get("decomposition"):
         out.print(f"  clip scores: {r.extras['decomposition']}", highlight=False)
     grades = r.extras.get("grades")
@@ -617,6 +621,23 @@ def convert_labels(
     schema = check_schema(load_preset(preset).model_settings("mtl").get("subtasks", []))
     summary = convert_mtl_aqa(annotations, out_path, captions=captions, split=split, subtasks=schema)
     out.print(f"wrote {summary['out']}: {summary['rows']} dives, {summary['captions']} with a caption", highlight=False)
+    check = summary.get("caption_check")
+    if check:
+        table = Table(title="Do the captions name each code's class? (share of that code's captions using the words)",
+                      title_justify="left")
+        for col in ("sub-task", "code", "schema class", "captions", "named in captions", "verdict"):
+            table.add_column(col)
+        for row in check:
+            shares = " · ".join(f"{name} {100 * v:.0f}%" for name, v in row["shares"].items())
+            style = {"agrees": "green", "disagrees": "bold red"}.get(row["verdict"])
+            table.add_row(row["subtask"], str(row["code"]), row["schema_class"], str(row["captions"]), shares,
+                          row["verdict"], style=style)
+        out.print(table)
+        wrong = sorted({r["subtask"] for r in check if r["verdict"] == "disagrees"})
+        if wrong:
+            out.print(f"[bold red]warning[/bold red] the captions disagree with preset {preset}'s class order for "
+                      f"{', '.join(wrong)}: the names written above may be wrong; reorder those classes in the "
+                      "preset (code k is the k-th class) and convert again", highlight=False)
 
 
 @app.command()

@@ -24,6 +24,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -383,4 +384,56 @@ def convert_mtl_aqa(annotations: str | Path, out: str | Path, *, captions: str |
         raise AqaError(f"{len(bad)} sub-task code(s) fall outside the schema (e.g. {bad[0]})", path=annotations,
                        fix="check the schema's class lists against the release (code k is the k-th class)")
     atomic_write(out, lambda tmp: tmp.write_text(buf.getvalue(), encoding="utf-8"))
-    return {"rows": len(keys), "captions": n_captions, "out": str(out)}
+    summary: dict[str, Any] = {"rows": len(keys), "captions": n_captions, "out": str(out)}
+    if caps and subtasks:
+        summary["caption_check"] = caption_check({k: ann[k] for k in keys}, caps, subtasks)
+    return summary
+
+
+def caption_check(annotations: dict, captions: dict, subtasks: list[dict[str, Any]],
+                  min_captions: int = 5) -> list[dict[str, Any]]:
+    """Does code k of each sub-task really mean the schema's class k? The release stores integer codes and
+    never names them; its captions (the commentators' words) do. For every sub-task with ``cues`` and every code,
+    the share of that code's captions that use each class's cue words, and a verdict: ``agrees`` when the
+    schema's class is the one named most, ``disagrees`` when another class is named most (in at least a third
+    of the captions that name any), else ``no evidence`` (fewer than ``min_captions`` captions name a class).
+    A class without cue words ("no armstand") agrees when no other class is named in a fifth of its captions,
+    and disagrees when one is named in a third.
+    """
+    def text(key: Any) -> str:
+        cap = captions.get(key, "")
+        return " ".join(str(w) for w in cap) if isinstance(cap, (list, tuple)) else str(cap)
+
+    rows = []
+    for sub in subtasks:
+        cues = sub.get("cues") or []
+        if not any(cues):
+            continue
+        patterns = [re.compile("|".join(rf"\b{re.escape(w)}\b" for w in c)) if c else None for c in cues]
+        by_code: dict[int, list[str]] = {}
+        for key, fields in annotations.items():
+            code = _code(fields.get(sub["column"]))
+            caption = text(key).lower()
+            if code is not None and 0 <= code < len(sub["classes"]) and caption.strip():
+                by_code.setdefault(code, []).append(caption)
+        for code in sorted(by_code):
+            caps = by_code[code]
+            hits = [sum(bool(p.search(c)) for c in caps) if p is not None else 0 for p in patterns]
+            named = sum(any(p is not None and p.search(c) for p in patterns) for c in caps)
+            best = max(range(len(hits)), key=lambda k: hits[k])
+            if patterns[code] is None:  # a class without words of its own ("no armstand"): others must be rare
+                top = hits[best] / len(caps)
+                verdict = ("no evidence" if len(caps) < min_captions else "agrees" if top < 0.2
+                           else "disagrees" if top >= 1 / 3 else "no evidence")
+            elif named < min_captions or hits[best] == 0:
+                verdict = "no evidence"
+            elif hits[code] == hits[best]:
+                verdict = "agrees"
+            else:
+                verdict = "disagrees" if hits[best] >= named / 3 else "no evidence"
+            rows.append({"subtask": sub["name"], "code": code, "schema_class": sub["classes"][code],
+                         "captions": len(caps), "named": named, "most_named": sub["classes"][best],
+                         "shares": {sub["classes"][k]: round(h / len(caps), 3) for k, h in enumerate(hits)
+                                    if patterns[k] is not None},
+                         "verdict": verdict})
+    return rows

@@ -484,10 +484,26 @@ class Scorer:
         describe = getattr(h.model, "describe", None)
         if describe is not None:
             result.extras.update(describe(out, 0))
+            _time_step_runs(result.extras.get("steps"), clips, getattr(h.model.config, "clip_frames", None))
         result.backbone = feats.backbone
         result.features_source = feats.source
         result.video = feats.video
         result.warnings = list(feats.warnings)
+
+
+def _time_step_runs(runs: list[dict] | None, clips: list[ClipScore], clip_frames: int | None) -> None:
+    """Give per-frame step runs (frames counted from the first clip's first frame) their times in seconds."""
+    if not runs or not clip_frames or not clips:
+        return
+    def frame_span(frame: int) -> tuple[float, float]:
+        clip = clips[min(frame // clip_frames, len(clips) - 1)]
+        step = (clip.end_s - clip.start_s) / clip_frames
+        start = clip.start_s + (frame % clip_frames) * step
+        return start, start + step
+
+    for run in runs:
+        run["start_s"] = round(frame_span(run["frame_start"])[0], 3)
+        run["end_s"] = round(frame_span(run["frame_end"] - 1)[1], 3)
 
 
 def _check_contract(h: LoadedHead, feats: ClipFeatures, path: Path) -> None:

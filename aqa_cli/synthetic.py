@@ -91,3 +91,50 @@ def moving_scene(n: int, height: int = 360, width: int = 640, seed: int = 0) -> 
         frame = np.roll(base, i, axis=1).copy()
         frame[(xx - cx) ** 2 + (yy - cy) ** 2 < (height / 8) ** 2] = (240, 40, 40)
         yield frame
+
+
+# Planted dives for the pose head: clip features built like the pose backbone's (runs of per-frame means).
+DIVE_STEPS = ["approach", "takeoff", "flight", "entry"]
+DIVE_RUNS, DIVE_RUN_DIM, _DIVE_FRAMES = 4, 6, 32
+
+
+def planted_dives(folder: str | Path, n: int, seed: int, dim: int = 40) -> list[dict]:
+    """Dives of 4–7 clips made frame by frame, like the pose backbone's features: approach (16–47 frames),
+    takeoff (8–19), flight (the rest), entry (12–27), boundaries anywhere, not on clip or run borders. Each
+    frame shows its step as +2.5 on its own channel (0–3 of 6) plus noise; clip features are the means over
+    runs of 8 frames, so a run across a boundary holds the fraction of its frames on each side. Execution
+    quality q ~ U(0, 1) shows in the flight frames only (channel 4 = 2·(2q − 1)): execution = 10 + 15 q, dive
+    score = execution × DD, DD from 1.5–3.5 independently of q. The steps label covers the whole timeline,
+    of which the clips keep the middle (the recipe's trim). Clip features are ``dim``-d: the 4 runs × 6 values,
+    then noise. Writes ``<folder>/d000.npy``… and ``labels.csv``; returns the label rows (with the true
+    execution score, which the head never sees)."""
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        clips = int(rng.integers(4, 8))
+        timeline = clips * _DIVE_FRAMES + int(rng.integers(0, _DIVE_FRAMES))
+        a, b, e = int(rng.integers(16, 48)), int(rng.integers(8, 20)), int(rng.integers(12, 28))
+        lengths = [a, b, timeline - a - b - e, e]
+        steps = np.repeat(np.arange(4), lengths)
+        head = (timeline - clips * _DIVE_FRAMES) // 2
+        kept = steps[head:head + clips * _DIVE_FRAMES]
+        q = float(rng.uniform(0, 1))
+        frame = rng.normal(0, 0.5, (len(kept), DIVE_RUN_DIM)).astype(np.float32)
+        frame[np.arange(len(kept)), kept] += 2.5
+        frame[kept == 2, 4] += (2 * q - 1) * 2.0
+        width = DIVE_RUNS * DIVE_RUN_DIM
+        runs = frame.reshape(clips, DIVE_RUNS, _DIVE_FRAMES // DIVE_RUNS, DIVE_RUN_DIM).mean(axis=2)
+        x = np.concatenate([runs.reshape(clips, width), rng.normal(0, 1, (clips, dim - width))], axis=1)
+        x = x.astype(np.float32)
+        dd = float(rng.choice([1.5, 2.0, 2.5, 3.0, 3.5]))
+        execution = 10.0 + 15.0 * q
+        np.save(folder / f"d{i:03d}.npy", x)
+        rows.append({"video": f"d{i:03d}", "dive_score": f"{execution * dd:.4f}", "difficulty": f"{dd}",
+                     "steps": " ".join(f"{DIVE_STEPS[k]}:{m}" for k, m in enumerate(lengths)),
+                     "execution": f"{execution:.4f}"})
+    import pandas as pd  # only here: the video helpers above do not need it
+
+    pd.DataFrame(rows).to_csv(folder / "labels.csv", index=False)
+    return rows

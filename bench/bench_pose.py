@@ -2,7 +2,8 @@
 
 * pose extraction: frames per second of ``video_features`` with the pose backbone on ``arm_wrestling.mp4``
   (decode, resize, BlazePose, clip features), best of 2 runs;
-* heads: inference time of the ``pose`` head (K = 10 exemplars, and the direct variant) and of the ``mtl`` head
+* heads: inference time of the ``pose`` head (K = 10 exemplars, the direct variant, and K = 10 with the
+  per-frame step branch of four classes) and of the ``mtl`` head
   on one 60-clip video, best of 20 calls, untrained weights (speed does not depend on their values).
 
 Run: ``PYTHONPATH=.:<mediapipe folder> OMP_NUM_THREADS=1 python bench/bench_pose.py [VIDEO]``.
@@ -52,7 +53,9 @@ def main() -> None:
     x = torch.from_numpy(rng.normal(size=(1, clips, FEATURE_DIM)).astype(np.float32))
     bank = [rng.normal(size=(int(rng.integers(3, 8)), FEATURE_DIM)).astype(np.float32) for _ in range(256)]
     timings = {}
-    for label, cfg in (("pose (K=10 exemplars)", {"exemplars": True}), ("pose direct", {"exemplars": False})):
+    steps = {"step_classes": ["approach", "takeoff", "flight", "entry"]}  # the finediving preset's
+    for label, cfg in (("pose (K=10 exemplars)", {"exemplars": True}), ("pose direct", {"exemplars": False}),
+                       ("pose (K=10) + per-frame steps", {"exemplars": True, **steps})):
         head = create_head("pose", {**cfg, "bank_clips": 8, "bank_id_len": 8, "score_max": 30.0}).eval()
         head.set_bank(bank, rng.uniform(0, 30, 256), [f"v{i:03d}" for i in range(256)])
         with torch.inference_mode():

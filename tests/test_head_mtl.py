@@ -243,7 +243,8 @@ def test_json_labels_and_the_mtl_aqa_converter(tmp_path):
     summary = convert_mtl_aqa(tmp_path / "final_annotations_dict.pkl", out,
                               captions=tmp_path / "final_captions_dict.pkl", split=tmp_path / "train_split_0.pkl",
                               subtasks=schema)
-    assert summary == {"rows": 2, "captions": 2, "out": str(out)}
+    assert {k: summary[k] for k in ("rows", "captions", "out")} == {"rows": 2, "captions": 2, "out": str(out)}
+    assert all(r["verdict"] == "no evidence" for r in summary["caption_check"])  # 2 captions prove nothing
     lab = read_labels(out)
     assert lab.ids == ["01_01", "01_02"]
     np.testing.assert_allclose(lab.target("final_score"), [45.0, 71.4])
@@ -264,6 +265,57 @@ def test_json_labels_and_the_mtl_aqa_converter(tmp_path):
     assert lab.format == "json" and lab.ids == ["v1", "v2"] and lab.text["caption"] == ["a tuck dive", "b, c"]
     assert lab.text["position"] == ["", "pike"]
     np.testing.assert_allclose(lab.target("final_score"), [60.0, 61.5])
+
+
+def _release_with_captions(folder, rotation_words: list[str], n: int = 120, seed: int = 0):
+    """An MTL-AQA-like release whose commentators name each dive: code k of rotation_type is called
+    rotation_words[k]; positions are named as the preset orders them; armstand dives say "armstand"."""
+    rng = np.random.default_rng(seed)
+    ann, caps = {}, {}
+    for i in range(n):
+        rot, pos, arm = int(rng.integers(4)), int(rng.integers(3)), int(rng.random() < 0.2)
+        ann[(1 + i // 50, 1 + i % 50)] = {"final_score": 50.0, "difficulty": 3.0, "position": pos, "armstand": arm,
+                                            "rotation_type": rot, "ss_no": 3, "tw_no": 0}
+        words = ["a", rotation_words[rot], "two and a half", ["free", "tucked", "piked"][pos]]
+        if arm:
+            words.insert(1, "armstand")
+        if rng.random() < 0.3:
+            words = ["what", "a", "splash"]  # a caption naming nothing
+        caps[list(ann)[-1]] = " ".join(words)
+    (folder / "ann.pkl").write_bytes(pickle.dumps(ann, protocol=2))
+    (folder / "caps.pkl").write_bytes(pickle.dumps(caps, protocol=2))
+
+
+def test_caption_check_of_the_class_order(tmp_path):
+    """convert-labels reads the captions to say whether code k is really the preset's class k; a release whose
+    rotation codes are ordered otherwise is caught, and said so on the command line."""
+    _release_with_captions(tmp_path, ["forward", "back", "reverse", "inward"])
+    res = run_aqa("convert-labels", tmp_path / "ann.pkl", "--captions", tmp_path / "caps.pkl", "--out",
+                  tmp_path / "labels.csv")
+    assert res.returncode == 0, res.stderr
+    assert "agrees" in res.stdout and "disagrees" not in res.stdout and "warning" not in res.stdout
+
+    other = tmp_path / "other"
+    other.mkdir()
+    _release_with_captions(other, ["inward", "reverse", "back", "forward"])
+    from aqa_cli.heads.mtl import check_schema
+    from aqa_cli.presets import load_preset
+
+    schema = check_schema(load_preset("mtl-aqa").model_settings("mtl")["subtasks"])
+    summary = convert_mtl_aqa(other / "ann.pkl", other / "labels.csv", captions=other / "caps.pkl", subtasks=schema)
+    verdicts = {(r["subtask"], r["code"]): r for r in summary["caption_check"]}
+    assert [verdicts[("rotation_type", k)]["verdict"] for k in range(4)] == ["disagrees"] * 4
+    assert [verdicts[("rotation_type", k)]["most_named"] for k in range(4)] == ["inward", "reverse", "back", "forward"]
+    assert all(verdicts[("position", k)]["verdict"] == "agrees" for k in range(3))
+    assert verdicts[("armstand", 0)]["verdict"] == verdicts[("armstand", 1)]["verdict"] == "agrees"
+    assert {r["subtask"] for r in summary["caption_check"]} == {"rotation_type", "position", "armstand"}
+    res = run_aqa("convert-labels", other / "ann.pkl", "--captions", other / "caps.pkl", "--out", other / "l2.csv")
+    assert res.returncode == 0 and "disagree with preset mtl-aqa's class order for rotation_type" in " ".join(
+        res.stdout.split())
+
+    bad = [{"name": "position", "classes": ["a", "b"], "cues": [["x"]]}]
+    with pytest.raises(AqaError, match="cues must list one list of words per class"):
+        check_schema(bad)
 
 
 def test_train_and_score_from_the_command_line(tmp_path):

@@ -107,7 +107,7 @@ def check_schema(subtasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for i, sub in enumerate(subtasks):
         if not isinstance(sub, dict):
             raise _schema_error(f"sub-task {i + 1} is not a table")
-        unknown = set(sub) - {"name", "classes", "column", "display"}
+        unknown = set(sub) - {"name", "classes", "column", "display", "cues"}
         if unknown:
             raise _schema_error(f"sub-task {i + 1} has unknown keys {sorted(unknown)}")
         name = sub.get("name")
@@ -123,8 +123,14 @@ def check_schema(subtasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
         display = sub.get("display", classes)
         if not isinstance(display, list) or len(display) != len(classes):
             raise _schema_error(f"sub-task {name!r}: display must list one text per class")
+        # Words a caption uses for each class (may be empty for a class without one): what the converter's
+        # caption check counts to see whether code k really is class k.
+        cues = sub.get("cues", [[] for _ in classes])
+        if (not isinstance(cues, list) or len(cues) != len(classes)
+                or not all(isinstance(c, list) and all(isinstance(w, str) and w.strip() for w in c) for c in cues)):
+            raise _schema_error(f"sub-task {name!r}: cues must list one list of words per class")
         out.append({"name": name, "classes": list(classes), "column": str(sub.get("column", name)),
-                    "display": [str(d) for d in display]})
+                    "display": [str(d) for d in display], "cues": [[w.lower() for w in c] for c in cues]})
     return out
 
 

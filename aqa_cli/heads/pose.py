@@ -39,10 +39,29 @@ score plus what clip t adds to it, on the score scale. The direct variant
 by each video's DD where the labels give it (``aqa train`` folds, ``aqa
 evaluate``).
 
-**Steps.** With ``step_classes``, each token (clip) is classified into a step
-(FineDiving: take-off, flight, entry, ...). Labels: a column (``steps``) with
-one class name per clip, separated by spaces or ``|``; training must then see
-whole sequences (``train_clips = 0``), so that clip t of the label is token t.
+**Steps, per frame.** With ``step_classes``, every frame is classified into a
+step (FineDiving annotates its steps frame by frame). The input is one feature
+per 32-frame clip, so the branch first rebuilds a frame sequence: frame f of
+clip t is the decoded token of clip t, plus a learned embedding of f (where in
+the clip it lies), plus a projection of the clip feature's *run* that holds f
+(the pose feature is four 8-frame runs of mean positions and velocities, see
+:mod:`aqa_cli.backbones.pose`: ``frame_runs`` × ``run_dim`` leading values). A
+residual 1-D convolution over the whole frame sequence, across clip borders,
+then places each step boundary. Why this can resolve single frames although
+the evidence comes in 8-frame runs: a run's means are averages over its
+frames, so a run straddling a boundary carries the fraction of its frames on
+either side, and the frame embedding says which frames those are. The decoded
+tokens are averaged over the K exemplars before this branch, so it runs once
+per video, not K times.
+
+Labels: a column (``steps``) of class names, separated by spaces, ``|``, ``,``
+or ``;``, each optionally with a run length (``takeoff:9`` = 9 frames). A row
+gives one name per frame of the clips (clips × 32), or of the whole timeline
+at the recipe's frame rate (the leftover frames the recipe trims, split between
+head and tail, are dropped the same way; a shorter last clip padded by the
+recipe leaves its padding unlabelled), or one name per clip (all its frames).
+Training must see whole sequences (``train_clips = 0``), so that frame i of
+the label is frame i of the tokens.
 """
 
 from __future__ import annotations
@@ -58,6 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from aqa_cli.backbones.pose import PER_SEGMENT, SEGMENTS
 from aqa_cli.errors import AqaError
 from aqa_cli.heads import Head, HeadConfig, HeadOutput, check_inputs
 
@@ -85,6 +105,12 @@ class PoseConfig(HeadConfig):
     step_classes: list[str] = field(default_factory=list)  # empty: no step branch
     step_column: str = "steps"
     step_weight: float = 0.5
+    clip_frames: int = 32  # frames per clip token: the step branch's output resolution
+    # The clip feature's leading frame_runs × run_dim values are consecutive runs of frames (the pose backbone's
+    # layout); 0 runs: the step branch sees only the decoded tokens.
+    frame_runs: int = SEGMENTS
+    run_dim: int = PER_SEGMENT
+    frame_kernel: int = 9  # frames the step boundary convolution sees at once
     difficulty_column: str = ""  # e.g. "difficulty": learn target ÷ DD, give execution × DD
     execution_min: float = 0.0
     execution_max: float = 30.0
@@ -144,6 +170,11 @@ class PoseHead(Head):
         if len(set(c.step_classes)) != len(c.step_classes) or len(c.step_classes) == 1:
             raise AqaError("pose head: step_classes must be empty or list at least two distinct names",
                            fix="e.g. step_classes = [\"takeoff\", \"flight\", \"entry\"]")
+        if c.step_classes and (c.frame_runs < 0 or c.frame_runs * c.run_dim > c.in_dim or c.clip_frames < 1
+                               or (c.frame_runs and c.clip_frames % c.frame_runs) or c.frame_kernel % 2 == 0):
+            raise AqaError(f"pose head: frame_runs × run_dim ({c.frame_runs} × {c.run_dim}) must fit in in_dim "
+                           f"({c.in_dim}) and divide clip_frames ({c.clip_frames}) into runs; frame_kernel must be odd",
+                           fix="set frame_runs = 0 for features without runs of frames")
         self.embed = nn.Sequential(nn.Linear(c.in_dim, c.hidden_dim), nn.GELU(), nn.Dropout(c.dropout),
                                    nn.Linear(c.hidden_dim, c.hidden_dim))
         self.layers = nn.ModuleList(
@@ -154,7 +185,7 @@ class PoseHead(Head):
         # The readout attention: one learned query scoring each decoded token (keys = this projection).
         self.readout = nn.Linear(c.hidden_dim, 1)
         self.delta = nn.Sequential(nn.Linear(c.hidden_dim, c.hidden_dim), nn.GELU(), nn.Linear(c.hidden_dim, 1))
-        self.steps = nn.Linear(c.hidden_dim, len(c.step_classes)) if c.step_classes else None
+        self.steps = _FrameSteps(c) if c.step_classes else None
         # Input standardisation, from the training data (set_bank); identity until then.
         self.register_buffer("feat_mean", torch.zeros(c.in_dim))
         self.register_buffer("feat_std", torch.ones(c.in_dim))
@@ -210,9 +241,9 @@ class PoseHead(Head):
         if dd is not None:
             labels["difficulty"] = torch.as_tensor(dd, dtype=torch.float32)
         if c.step_classes:
-            steps = _encode_steps(c, data)
-            if steps is not None:
-                labels["steps"] = steps
+            encoded = _encode_steps(c, data)
+            if encoded is not None:
+                labels["steps"], labels["step_clips"] = encoded
         scores = np.asarray(data.targets, dtype=np.float64) / (dd if dd is not None else 1.0)
         self.set_bank(data.features, scores, data.ids, source=str(data.labels_path))
         return labels
@@ -292,9 +323,12 @@ class PoseHead(Head):
 
     # -- model
 
-    def _tokens(self, features: Tensor, mask: Tensor) -> Tensor:
+    def _standardised(self, features: Tensor, mask: Tensor) -> Tensor:
         x = (features - self.feat_mean) / self.feat_std
-        x = x.masked_fill(~mask.unsqueeze(-1), 0.0)  # whatever padding holds (even NaN) cannot leak in
+        return x.masked_fill(~mask.unsqueeze(-1), 0.0)  # whatever padding holds (even NaN) cannot leak in
+
+    def _tokens(self, features: Tensor, mask: Tensor) -> Tensor:
+        x = self._standardised(features, mask)
         return self.embed(x) + _sinusoid(x.shape[1], self.config.hidden_dim, x.device)
 
     def forward(self, features: Tensor, mask: Tensor | None = None) -> HeadOutput:
@@ -343,9 +377,9 @@ class PoseHead(Head):
         score = self.denormalise(unit)
         clip_scores = self.denormalise(clip_unit) * mask
         if self.steps is not None:
-            logits = self.steps(h).view(b, k, t, -1)
-            extras["step_logits"] = logits.mean(dim=1)
-            extras["step_probs"] = logits.softmax(dim=-1).mean(dim=1)
+            logits = self.steps(h.view(b, k, t, -1).mean(dim=1), self._standardised(features, mask), mask)
+            extras["step_logits"] = logits  # [B, T × clip_frames, classes]
+            extras["step_probs"] = logits.softmax(dim=-1)
         extras["execution_scale"] = torch.full_like(score, float(c.difficulty_active))
         extras["mask"] = mask
         return HeadOutput(score=score, weights=w * mask, clip_scores=clip_scores, extras=extras)
@@ -364,14 +398,14 @@ class PoseHead(Head):
         steps = labels.get("steps")
         if steps is not None and "step_logits" in out.extras:
             logits, real = out.extras["step_logits"], out.extras["mask"]
-            counts = (steps >= 0).sum(dim=1)
-            labelled = counts > 0
-            # Labels name every clip of the whole video; a training crop shows only some, so they cannot line up.
-            if bool((counts[labelled] != real.sum(dim=1)[labelled]).any()):
+            clips = labels["step_clips"]
+            labelled = clips > 0
+            # Labels name every frame of the whole video; a training crop shows only some, so they cannot line up.
+            if bool((clips[labelled] != real.sum(dim=1)[labelled]).any()):
                 raise AqaError("pose head: a video's step labels do not line up with the clips of its training crop",
                                fix="train on whole sequences: train_clips = 0 in the preset, or --set crop=0")
-            t = logits.shape[1]
-            steps = steps[:, :t] if steps.shape[1] >= t else F.pad(steps, (0, t - steps.shape[1]), value=-1)
+            n = logits.shape[1]
+            steps = steps[:, :n] if steps.shape[1] >= n else F.pad(steps, (0, n - steps.shape[1]), value=-1)
             have = steps >= 0
             if bool(have.any()):
                 ce = F.cross_entropy(logits[have], steps[have])
@@ -396,35 +430,111 @@ class PoseHead(Head):
         else:
             info["decomposition"] = "direct regression: Σ w·s equals the total exactly"
         if "step_probs" in out.extras:
-            probs = out.extras["step_probs"][index]
-            real = out.weights[index] > 0
-            info["steps"] = [c.step_classes[int(p.argmax())] for p, r in zip(probs, real) if r]
+            frames = int(out.extras["mask"][index].sum()) * c.clip_frames
+            info["steps"] = step_runs(out.extras["step_probs"][index, :frames].argmax(dim=-1), c.step_classes)
         if c.difficulty_active:
             info["scale"] = (f"execution score (target ÷ {c.difficulty_column}); multiply by the dive's "
                              f"{c.difficulty_column} for the final score")
         return info
 
 
-def _encode_steps(config: PoseConfig, data: FeatureSet) -> Tensor | None:
-    """Per-clip step class ids [videos, max clips] (-1: none), or None without the column. A row must name one
-    class per clip of its video."""
+class _FrameSteps(nn.Module):
+    """Per-frame step logits from the decoded clip tokens and the clip features' runs (see the module notes)."""
+
+    def __init__(self, c: PoseConfig):
+        super().__init__()
+        self.clip_frames, self.runs, self.run_dim = c.clip_frames, c.frame_runs, c.run_dim
+        self.frame_pos = nn.Parameter(torch.randn(c.clip_frames, c.hidden_dim) * 0.02)
+        self.run_proj = nn.Linear(c.run_dim, c.hidden_dim) if c.frame_runs else None
+        self.norm = nn.LayerNorm(c.hidden_dim)
+        self.conv = nn.Conv1d(c.hidden_dim, c.hidden_dim, c.frame_kernel, padding=c.frame_kernel // 2)
+        self.out = nn.Linear(c.hidden_dim, len(c.step_classes))
+
+    def forward(self, tokens: Tensor, x: Tensor, mask: Tensor) -> Tensor:
+        """tokens [B, T, d] (decoded), x [B, T, in_dim] (standardised) → logits [B, T·clip_frames, classes]."""
+        b, t, d = tokens.shape
+        f = self.clip_frames
+        z = tokens.unsqueeze(2) + self.frame_pos  # [B, T, F, d]
+        if self.run_proj is not None:
+            runs = self.run_proj(x[..., : self.runs * self.run_dim].reshape(b, t, self.runs, self.run_dim))
+            z = z + runs.repeat_interleave(f // self.runs, dim=2)
+        frame_mask = mask.repeat_interleave(f, dim=1)  # [B, T·F]
+        z = z.reshape(b, t * f, d).masked_fill(~frame_mask.unsqueeze(-1), 0.0)
+        z = z + self.conv(F.gelu(self.norm(z)).transpose(1, 2)).transpose(1, 2)
+        return self.out(F.gelu(z))
+
+
+def step_runs(frame_classes: Tensor, names: list[str]) -> list[dict[str, Any]]:
+    """Per-frame class ids → runs of one step: {step, frame_start, frame_end (exclusive)}, frames counted from
+    the first frame of the first clip."""
+    ids = frame_classes.tolist()
+    runs: list[dict[str, Any]] = []
+    for i, k in enumerate(ids):
+        if runs and runs[-1]["step"] == names[k]:
+            runs[-1]["frame_end"] = i + 1
+        else:
+            runs.append({"step": names[k], "frame_start": i, "frame_end": i + 1})
+    return runs
+
+
+def _step_names(cell: str) -> list[str]:
+    """'approach:20 takeoff:9 flight' → 20 × approach, 9 × takeoff, flight."""
+    names: list[str] = []
+    for token in re.split(r"[\s|,;]+", cell.strip()):
+        if not token:
+            continue
+        name, sep, count = token.partition(":")
+        if sep and not (count.isdigit() and int(count) > 0):
+            raise ValueError(f"{token!r} is not NAME or NAME:FRAMES")
+        names += [name] * (int(count) if sep else 1)
+    return names
+
+
+def _align_steps(names: list[str], clips: int, frames: int) -> tuple[list[str], int] | None:
+    """Fit a label row to a video's clips × frames: (per-frame names, frames of head to drop), or None."""
+    span = clips * frames
+    if len(names) == clips:  # one name per clip
+        return [n for n in names for _ in range(frames)], 0
+    if len(names) == span:
+        return names, 0
+    if span < len(names) < span + frames:  # the whole timeline, whose leftover the recipe trims head and tail
+        head = (len(names) - span) // 2
+        return names[head:head + span], head
+    if span - frames < len(names) < span:  # the last clip padded by the recipe: its padding stays unlabelled
+        return names, 0
+    return None
+
+
+def _encode_steps(config: PoseConfig, data: FeatureSet) -> tuple[Tensor, Tensor] | None:
+    """(per-frame step class ids [videos, max clips × clip_frames] with -1 where unlabelled, clips per labelled
+    video [videos] with 0 where unlabelled), or None without the column."""
     col = _find_column(data.aux, config.step_column)
     if col is None:
         return None
     lookup = {name.lower(): k for k, name in enumerate(config.step_classes)}
-    width = max(len(f) for f in data.features)
+    f = config.clip_frames
+    width = max(len(x) for x in data.features) * f
     out = torch.full((len(data), width), -1, dtype=torch.long)
+    clips = torch.zeros(len(data), dtype=torch.long)
     for i, cell in enumerate(data.aux[col]):
         if cell.strip().lower() in MISSING:
             continue
-        names = [n for n in re.split(r"[\s|,;]+", cell.strip()) if n]
-        if len(names) != len(data.features[i]):
-            raise AqaError(f"id {data.ids[i]!r} has {len(names)} step label(s) for {len(data.features[i])} clips",
-                           path=data.labels_path, fix=f"give one {col} class per clip, separated by spaces")
-        for t, name in enumerate(names):
+        n = len(data.features[i])
+        try:
+            names = _step_names(cell)
+        except ValueError as exc:
+            raise AqaError(f"id {data.ids[i]!r}: step label {exc}", path=data.labels_path,
+                           fix="write each step as NAME (one frame) or NAME:FRAMES, e.g. takeoff:9") from None
+        aligned = _align_steps(names, n, f)
+        if aligned is None:
+            raise AqaError(f"id {data.ids[i]!r} has {len(names)} step label(s) for {n} clips", path=data.labels_path,
+                           fix=f"give one {col} class per frame ({n * f} for {n} clips of {f}, or the whole "
+                               f"timeline at the recipe's frame rate), or one per clip")
+        for t, name in enumerate(aligned[0]):
             if name.lower() not in lookup:
                 raise AqaError(f"id {data.ids[i]!r} has an unknown step {name!r} (known: "
                                f"{', '.join(config.step_classes)})", path=data.labels_path,
                                fix="use the head's step_classes, or add the class to them")
             out[i, t] = lookup[name.lower()]
-    return out
+        clips[i] = n
+    return out, clips
