@@ -326,6 +326,12 @@ def _render_score(r) -> None:  # noqa: ANN001 - a VideoScore
         line = r.extras["commentary"]
         shown = f'"{line}"' if line else "(none: the head was trained without captions)"
         out.print(f"  commentary: {shown}", highlight=False)
+    if r.extras.get("scale"):
+        out.print(f"  scale: {r.extras['scale']}", highlight=False)
+    if r.extras.get("exemplars"):
+        ex = r.extras["exemplars"]
+        out.print(f"  exemplars ({len(ex)}, score + difference): "
+                  + " · ".join(f"{e['id']} {e['score']:.2f} {e['difference']:+.2f}" for e in ex), highlight=False)
     if r.extras.get("steps"):
         out.print("  steps: " + " · ".join(f"{run['step']} {run['start_s']:.2f}–{run['end_s']:.2f} s"
                                           if "start_s" in run else run["step"] for run in r.extras["steps"]),

@@ -1,7 +1,9 @@
-"""The pose-guided exemplar head: planted structure it must learn (a score carried by some clips, step labels,
+"""The pose-guided exemplar head: planted structure it must learn (a score carried by some frames, per-frame steps,
 execution × difficulty), the exact decomposition, the exemplar bank in the checkpoint, and its errors."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -207,3 +209,31 @@ def test_step_runs_get_their_times():
     clips = [ClipScore(0, 0.12, 1.40, 0.5, 1.0), ClipScore(1, 1.40, 2.68, 0.5, 1.0)]
     _time_step_runs(runs, clips, 32)
     assert [(r["start_s"], r["end_s"]) for r in runs] == [(0.12, 0.92), (0.92, 1.32), (1.32, 2.52), (2.52, 2.68)]
+
+
+def test_train_and_score_from_the_command_line(tmp_path):
+    """`aqa train --head pose --preset finediving` learns from the steps and difficulty columns; `aqa score`
+    says the score is an execution score, names the exemplars and prints the steps with their times."""
+    from conftest import run_aqa
+
+    planted_dives(tmp_path / "f", 24, seed=5, dim=837)
+    ckpt = tmp_path / "pose.safetensors"
+    res = run_aqa("train", "--features", tmp_path / "f", "--labels", tmp_path / "f" / "labels.csv",
+                  "--target", "dive_score", "--head", "pose", "--preset", "finediving", "--epochs", "3",
+                  "--set", f"frame_runs={RUNS}", "--set", f"run_dim={RUN_DIM}", "--set", "hidden_dim=32",
+                  "--set", "k_exemplars=4", "--out", ckpt, env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "steps" in json.loads(ckpt.with_suffix(".log.json").read_text())["history"][-1]
+    res = run_aqa("score", tmp_path / "f" / "d000.npy", "--weights", ckpt, "--backbone", "pose", "--no-cache",
+                  "--json", env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    runs, clips = result["extras"]["steps"], result["clips"]
+    assert runs[0]["frame_start"] == 0 and runs[-1]["frame_end"] == 32 * len(clips)
+    assert runs[0]["start_s"] == pytest.approx(clips[0]["start_s"]) and runs[-1]["end_s"] == pytest.approx(clips[-1]["end_s"])
+    assert len(result["extras"]["exemplars"]) == 4
+    res = run_aqa("score", tmp_path / "f" / "d000.npy", "--weights", ckpt, "--backbone", "pose", "--no-cache",
+                  env={"OMP_NUM_THREADS": "1", "COLUMNS": "200"}, timeout=300)
+    text = " ".join(res.stdout.split())
+    assert "scale: execution score (target ÷ difficulty)" in text and "exemplars (4, score + difference)" in text
+    assert f"steps: {runs[0]['step']} {runs[0]['start_s']:.2f}–{runs[0]['end_s']:.2f} s" in text
