@@ -110,24 +110,30 @@ def _batch(features: list[np.ndarray], crop: int, rng: np.random.Generator | Non
 
 @torch.inference_mode()
 def predict(model: torch.nn.Module, features: list[np.ndarray], *, device: torch.device | str = "cpu",
-            batch_size: int = 8) -> np.ndarray:
+            batch_size: int = 8, labels: dict[str, torch.Tensor] | None = None) -> np.ndarray:
     """Scores of full sequences, batched by similar length (padding is masked, so batching does not
-    change a score)."""
+    change a score). ``labels`` (one row per video) reach a head whose forward pass reads them."""
     model.eval()
     order = np.argsort([len(f) for f in features], kind="stable")
     out = np.empty(len(features), dtype=np.float64)
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
         x, mask = _batch([features[j] for j in idx], 0, None)
-        res = model(x.to(device), mask.to(device))
+        if labels is not None and getattr(model, "forward_reads_labels", False):
+            rows = torch.as_tensor(idx)
+            res = model(x.to(device), mask.to(device), labels={k: v[rows].to(device) for k, v in labels.items()})
+        else:
+            res = model(x.to(device), mask.to(device))
         out[idx] = res.score.double().cpu().numpy()
     return out
 
 
 def predict_set(model: torch.nn.Module, data: FeatureSet, *, device: torch.device | str = "cpu") -> np.ndarray:
-    """:func:`predict` on a labelled set, with the head's label rule applied (``Head.apply_labels``: the pose
-    head's execution score × difficulty); the scores to compare with ``data.targets``."""
-    pred = predict(model, data.features, device=device)
+    """:func:`predict` on a labelled set, with what the head reads from the labels (``Head.inference_labels``:
+    the pose head's dive types) and its label rule applied (``Head.apply_labels``: the pose head's execution
+    score × difficulty); the scores to compare with ``data.targets``."""
+    read = getattr(model, "inference_labels", None)
+    pred = predict(model, data.features, device=device, labels=read(data) if read is not None else None)
     rule = getattr(model, "apply_labels", None)
     return rule(pred, data) if rule is not None else pred
 
@@ -187,12 +193,15 @@ def fit(head_name: str, config: HeadConfig | dict, data: FeatureSet, settings: T
             if len(idx) < 2 and len(order) > 1:
                 continue  # BatchNorm needs two samples; a lone leftover video is seen again next epoch
             x, mask = _batch([data.features[j] for j in idx], settings.crop, rng)
-            out = head(x.to(device), mask.to(device))
             if aux is None:
+                out = head(x.to(device), mask.to(device))
                 loss, parts = head.loss(out, targets[idx].to(device))
             else:
                 rows = torch.as_tensor(idx, device=device)
-                loss, parts = head.loss(out, targets[idx].to(device), {k: v[rows] for k, v in aux.items()})
+                batch = {k: v[rows] for k, v in aux.items()}
+                out = (head(x.to(device), mask.to(device), labels=batch) if head.forward_reads_labels
+                       else head(x.to(device), mask.to(device)))
+                loss, parts = head.loss(out, targets[idx].to(device), batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

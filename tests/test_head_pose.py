@@ -237,3 +237,55 @@ def test_train_and_score_from_the_command_line(tmp_path):
     text = " ".join(res.stdout.split())
     assert "scale: execution score (target ÷ difficulty)" in text and "exemplars (4, score + difference)" in text
     assert f"steps: {runs[0]['step']} {runs[0]['start_s']:.2f}–{runs[0]['end_s']:.2f} s" in text
+
+
+def test_exemplars_of_the_same_dive_type(planted, tmp_path):
+    """With group_column, training pairs a dive with another of its own type (never itself), labelled inference
+    takes all K exemplars from the dive's type, and an unknown type (or aqa score, with no labels) falls back
+    to the fixed K of the whole bank."""
+    _, train, test, _, _ = planted
+
+    def typed(data):
+        out = data.subset(range(len(data)))
+        out.aux = {**out.aux, "dive_type": [f"t{i % 3}" if i % 10 else "" for i in range(len(out))]}
+        return out
+
+    tr, te = typed(train), typed(test)
+    settings = TrainSettings(epochs=3, batch_size=16, optimizer="adamw", lr=1e-3, crop=0, eval_every=0)
+    head = fit("pose", {**SMALL, "group_column": "dive_type"}, tr, settings, seed=0).head
+    assert head.config.groups == ["t0", "t1", "t2"]
+    stored = head.bank_groups[head.bank_valid]
+    counts = torch.bincount(stored + 1, minlength=4).tolist()  # untyped, t0, t1, t2
+    assert sum(counts) == 64 and all(c >= 1 for c in counts) and abs(counts[1] - counts[2]) <= 2
+
+    x = torch.zeros(4, 9, DIM)
+    mask = torch.zeros(4, 9, dtype=torch.bool)
+    for i, f in enumerate(tr.features[:4]):
+        x[i, : len(f)] = torch.tensor(f)
+        mask[i, : len(f)] = True
+    own = torch.nonzero(head.bank_valid).flatten()[[0, 1, 2, 3]]
+    groups = head.bank_groups[own]
+    head.train()
+    for _ in range(20):
+        rows = head(x, mask, labels={"group": groups, "bank_row": own}).extras["exemplar_rows"][:, 0]
+        typed_rows = groups >= 0
+        assert bool((head.bank_groups[rows][typed_rows] == groups[typed_rows]).all())
+        assert bool((rows != own).all())
+    head.eval()
+    with torch.inference_mode():
+        out = head(x[:3], mask[:3], labels={"group": torch.tensor([0, 2, -1])})
+        plain = head(x[:3], mask[:3])
+    rows = out.extras["exemplar_rows"]
+    assert rows.shape == (3, 8)
+    assert bool((head.bank_groups[rows[0]] == 0).all()) and bool((head.bank_groups[rows[1]] == 2).all())
+    assert torch.equal(rows[2], head.inference_exemplars()) and torch.equal(plain.extras["exemplar_rows"][0], rows[2])
+    info = head.describe(out, 1)
+    assert {e["group"] for e in info["exemplars"]} == {"t2"}
+
+    matched = predict_set(head, te)
+    unmatched = predict_set(head, test)  # no dive_type column: the fixed exemplars
+    assert not np.allclose(matched, unmatched)
+    assert spearman(matched, te.targets) > 0.8
+    loaded = load_head(save_head(tmp_path / "typed.safetensors", [head], {"target": "dive_score"}))
+    assert loaded.model.config.groups == ["t0", "t1", "t2"]
+    np.testing.assert_allclose(predict_set(loaded.model, te), matched, atol=1e-3)

@@ -90,6 +90,10 @@ class Head(nn.Module):
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[HeadConfig]] = HeadConfig
+    # True for a head whose forward pass also reads labels (``forward(features, mask, labels=...)``): the pose
+    # head picks exemplars of the query's own dive type. Training passes the batch's rows of encode_labels,
+    # labelled inference those of inference_labels.
+    forward_reads_labels: ClassVar[bool] = False
 
     def __init__(self, config: HeadConfig):
         super().__init__()
@@ -119,6 +123,11 @@ class Head(nn.Module):
 
     def encode_labels(self, data: FeatureSet) -> dict[str, Tensor] | None:
         """The auxiliary labels of ``data`` as tensors with one row per video, or None when the head reads none."""
+        return None
+
+    def inference_labels(self, data: FeatureSet) -> dict[str, Tensor] | None:
+        """Labels the forward pass reads at labelled inference (``aqa evaluate``, cross-validation folds), one row
+        per video; None by default. Unlike encode_labels it changes nothing in the head."""
         return None
 
     def describe(self, out: HeadOutput, index: int = 0) -> dict[str, Any]:

@@ -43,9 +43,10 @@ class HeadEnsemble(nn.Module):
         self.members = nn.ModuleList(members)
         self.config = members[0].config
         self.name = members[0].name
+        self.forward_reads_labels = members[0].forward_reads_labels
 
-    def forward(self, features: Tensor, mask: Tensor | None = None) -> HeadOutput:
-        outs = [m(features, mask) for m in self.members]
+    def forward(self, features: Tensor, mask: Tensor | None = None, **labels: Any) -> HeadOutput:
+        outs = [m(features, mask, **labels) for m in self.members]
         if len(outs) == 1:
             return outs[0]
         w = torch.stack([o.weights for o in outs])  # [K, B, T]
@@ -65,7 +66,9 @@ class HeadEnsemble(nn.Module):
         for key in outs[0].extras:
             if key.startswith("probs.") and all(key in o.extras for o in outs):
                 extras[key] = torch.stack([o.extras[key] for o in outs]).mean(0)
-            elif key in ("caption_tokens", "body_linear", "execution_scale"):
+            elif key == "step_probs" and all(key in o.extras for o in outs):
+                extras[key] = torch.stack([o.extras[key] for o in outs]).mean(0)
+            elif key in ("caption_tokens", "body_linear", "execution_scale", "mask"):
                 extras[key] = outs[0].extras[key]
         return HeadOutput(score=member_scores.mean(1), weights=w.mean(0), clip_scores=clip_scores,
                           additive=additive, extras=extras)
@@ -74,6 +77,9 @@ class HeadEnsemble(nn.Module):
     def describe(self, out: HeadOutput, index: int = 0) -> dict[str, Any]:
         """The first member's reading of the ensemble's output (members share one config)."""
         return self.members[0].describe(out, index)
+
+    def inference_labels(self, data: Any) -> Any:
+        return self.members[0].inference_labels(data)
 
     def apply_labels(self, scores: Any, data: Any) -> Any:
         """Members share one config, so the first member's label rule (e.g. × difficulty) is the ensemble's."""

@@ -20,7 +20,17 @@ classifier; a "no exemplar" baseline), with the changes its failure to converge
   and found its results depended on the draw. Here the K exemplars are fixed:
   the bank's entries at evenly spaced score quantiles, the same for every
   query, stored in the checkpoint with their scores and ids. Training pairs each
-  query with a random bank entry (the seed fixes the draw).
+  query with a random bank entry other than itself (the seed fixes the draw).
+* **Exemplars of the same dive.** A difference is easiest to judge between two
+  performances of the same action (CoRe pairs dives of one dive number). With
+  ``group_column`` (FineDiving: the dive number), the bank records each entry's
+  group, is filled group by group (each group's share of the bank, at least one
+  entry, spread over its scores), training pairs a query with an entry of its
+  own group, and labelled inference (``aqa evaluate``, the folds of ``aqa
+  train``) takes the K exemplars from the query's group, at its score
+  quantiles (repeating entries when the group has fewer than K). A query whose
+  group is unknown, or absent from the bank, and every query of ``aqa score``
+  (no labels) gets the fixed K from the whole bank.
 
 Score, with exemplar k's score e_k, weights w_kt and differences d_kt:
 
@@ -115,6 +125,8 @@ class PoseConfig(HeadConfig):
     execution_min: float = 0.0
     execution_max: float = 30.0
     difficulty_active: bool = False  # set by prepare_config when the training labels have the column
+    group_column: str = ""  # e.g. "dive_type": exemplars of the query's own group (see the module notes)
+    groups: list[str] = field(default_factory=list)  # the training labels' groups, set by prepare_config
 
 
 def _find_column(aux: dict[str, list[str]], name: str) -> str | None:
@@ -156,9 +168,49 @@ def _sinusoid(length: int, dim: int, device: torch.device) -> Tensor:
     return pe
 
 
+def _groups(config: PoseConfig, data: FeatureSet) -> np.ndarray | None:
+    """Each video's group index in config.groups (-1: empty cell or a group the head never saw), or None
+    without the column or without groups."""
+    col = _find_column(data.aux, config.group_column) if config.group_column and config.groups else None
+    if col is None:
+        return None
+    index = {g: k for k, g in enumerate(config.groups)}
+    return np.array([index.get(cell.strip(), -1) for cell in data.aux[col]], dtype=np.int64)
+
+
+def _bank_picks(scores: np.ndarray, groups: np.ndarray, size: int) -> np.ndarray:
+    """At most ``size`` rows spread evenly over the score order, within each group in proportion to its share
+    of the videos (every group at least one row)."""
+    picks = []
+    names, counts = np.unique(groups, return_counts=True)
+    share = size * counts / counts.sum()
+    quota = np.minimum(counts, np.maximum(1, np.floor(share))).astype(int)
+    while quota.sum() > size and (quota > 1).any():
+        quota[np.argmax(quota)] -= 1
+    # Rows left over go to the groups that lost most to rounding down (largest remainder).
+    for g in np.argsort(-(share - quota), kind="stable"):
+        if quota.sum() >= size:
+            break
+        if quota[g] < counts[g]:
+            quota[g] += 1
+    for g, q in zip(names, quota):
+        members = np.flatnonzero(groups == g)
+        members = members[np.argsort(scores[members], kind="stable")]
+        picks.append(members if len(members) <= q else members[np.round(np.linspace(0, len(members) - 1, q)).astype(int)])
+    return np.concatenate(picks)[:size]
+
+
+def _spread(rows: Tensor, scores: Tensor, k: int) -> Tensor:
+    """k of ``rows`` at evenly spaced quantiles of their scores (with repeats when there are fewer than k)."""
+    order = rows[torch.argsort(scores[rows], stable=True)]
+    pos = ((torch.arange(k, dtype=torch.float64) + 0.5) * len(order) / k).floor().long()
+    return order[pos.to(order.device)]
+
+
 class PoseHead(Head):
     name = "pose"
     config_class = PoseConfig
+    forward_reads_labels = True
 
     def __init__(self, config: PoseConfig):
         super().__init__(config)
@@ -196,6 +248,7 @@ class PoseHead(Head):
             self.register_buffer("bank_scores", torch.zeros(n))  # on [0, 1] of the head's own scale
             self.register_buffer("bank_valid", torch.zeros(n, dtype=torch.bool))
             self.register_buffer("bank_ids", torch.zeros(n, max(c.bank_id_len, 1), dtype=torch.uint8))
+            self.register_buffer("bank_groups", torch.full((n,), -1, dtype=torch.long))
 
     # -- the label hooks (see aqa_cli.heads.Head)
 
@@ -206,6 +259,8 @@ class PoseHead(Head):
             cols.append(config.step_column)
         if config.difficulty_column:
             cols.append(config.difficulty_column)
+        if config.group_column:
+            cols.append(config.group_column)
         return cols
 
     @classmethod
@@ -220,6 +275,9 @@ class PoseHead(Head):
             dd = _difficulties(config, data)
             if dd is not None:
                 changes.update(difficulty_active=True, score_min=config.execution_min, score_max=config.execution_max)
+            col = _find_column(data.aux, config.group_column) if config.group_column else None
+            if col is not None:
+                changes["groups"] = sorted({c.strip() for c in data.aux[col] if c.strip().lower() not in MISSING})
         config = dataclasses.replace(config, **changes)
         if config.difficulty_active:
             dd = _difficulties(config, data)
@@ -245,8 +303,17 @@ class PoseHead(Head):
             if encoded is not None:
                 labels["steps"], labels["step_clips"] = encoded
         scores = np.asarray(data.targets, dtype=np.float64) / (dd if dd is not None else 1.0)
-        self.set_bank(data.features, scores, data.ids, source=str(data.labels_path))
+        groups = _groups(c, data)
+        rows = self.set_bank(data.features, scores, data.ids, source=str(data.labels_path), groups=groups)
+        if c.exemplars:
+            labels["bank_row"] = torch.as_tensor(rows)  # so that training never pairs a video with itself
+            if groups is not None:
+                labels["group"] = torch.as_tensor(groups)
         return labels
+
+    def inference_labels(self, data: FeatureSet) -> dict[str, Tensor] | None:
+        groups = _groups(self.config, data) if self.config.exemplars else None
+        return None if groups is None else {"group": torch.as_tensor(groups)}
 
     def apply_labels(self, scores: np.ndarray, data: FeatureSet) -> np.ndarray:
         """Execution scores × DD when the head learnt execution; else unchanged."""
@@ -261,9 +328,11 @@ class PoseHead(Head):
 
     # -- the exemplar bank
 
-    def set_bank(self, features: list[np.ndarray], scores: np.ndarray, ids: list[str], *, source: str = "") -> None:
+    def set_bank(self, features: list[np.ndarray], scores: np.ndarray, ids: list[str], *, source: str = "",
+                 groups: np.ndarray | None = None) -> np.ndarray:
         """Fill the bank from videos' clip features [T_i, D] and scores on the head's scale (at most bank_size,
-        spread evenly over the score order), and set the input statistics from them."""
+        spread evenly over the score order, group by group when ``groups`` gives each video's group index), and
+        set the input statistics from them. Returns each video's bank row (-1: not in the bank)."""
         c = self.config
         where = source or "the exemplar bank"
         for vid, f in zip(ids, features):
@@ -279,16 +348,18 @@ class PoseHead(Head):
         # A constant channel (a landmark never seen) would divide by 0: its spread is taken as 1.
         std = stacked.std(axis=0)
         self.feat_std.copy_(torch.as_tensor(np.where(std > 1e-6, std, 1.0), dtype=torch.float32))
+        placed = np.full(len(ids), -1, dtype=np.int64)
         if not c.exemplars:
-            return
+            return placed
         n = self.bank_features.shape[0]
-        order = np.argsort(np.asarray(scores), kind="stable")
-        pick = order if len(order) <= n else order[np.round(np.linspace(0, len(order) - 1, n)).astype(int)]
+        pick = _bank_picks(np.asarray(scores, dtype=np.float64),
+                           np.zeros(len(ids), dtype=np.int64) if groups is None else np.asarray(groups), n)
         self.bank_features.zero_()
         self.bank_mask.zero_()
         self.bank_scores.zero_()
         self.bank_valid.zero_()
         self.bank_ids.zero_()
+        self.bank_groups.fill_(-1)
         length, id_len = self.bank_features.shape[1], self.bank_ids.shape[1]
         for row, j in enumerate(pick):
             f = np.array(features[j][:length], dtype=np.float32)  # longer than any training video: cut
@@ -298,6 +369,9 @@ class PoseHead(Head):
             self.bank_valid[row] = True
             raw = ids[j].encode()[:id_len]
             self.bank_ids[row, :len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+            self.bank_groups[row] = int(groups[j]) if groups is not None else -1
+            placed[j] = row
+        return placed
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001 - torch's signature
         # A bank whose feature size is not the head's would otherwise fail deep inside torch's copy.
@@ -316,10 +390,36 @@ class PoseHead(Head):
         valid = torch.nonzero(self.bank_valid).flatten()
         if len(valid) == 0:
             raise AqaError("pose head: the exemplar bank is empty", fix="train the head (aqa train) before scoring")
-        order = valid[torch.argsort(self.bank_scores[valid], stable=True)]
-        k = min(self.config.k_exemplars, len(order))
-        pos = ((torch.arange(k, dtype=torch.float64) + 0.5) * len(order) / k).floor().long()
-        return order[pos.to(order.device)]
+        return _spread(valid, self.bank_scores, min(self.config.k_exemplars, len(valid)))
+
+    def _exemplar_rows(self, b: int, labels: dict[str, Tensor] | None) -> Tensor:
+        """Bank rows [B, K] for a batch: one random entry per query in training, K fixed ones at inference; of
+        the query's own group where the labels give it and the bank holds it, never the query itself."""
+        labels = labels or {}
+        groups, own = labels.get("group"), labels.get("bank_row")
+        valid = torch.nonzero(self.bank_valid).flatten()
+        if len(valid) == 0:
+            raise AqaError("pose head: the exemplar bank is empty", fix="train the head (aqa train) before scoring")
+        if self.training:
+            rows = valid[torch.randint(len(valid), (b,), device=valid.device)]
+            for i in range(b):
+                pool = valid
+                if groups is not None and int(groups[i]) >= 0:
+                    same = valid[self.bank_groups[valid] == groups[i]]
+                    pool = same if len(same) else valid
+                if own is not None and int(own[i]) >= 0 and len(pool) > 1:
+                    pool = pool[pool != own[i]]
+                if groups is not None or own is not None:
+                    rows[i] = pool[torch.randint(len(pool), (1,), device=valid.device)][0]
+            return rows.unsqueeze(1)
+        fixed = self.inference_exemplars()
+        rows = fixed.unsqueeze(0).repeat(b, 1)
+        if groups is not None:
+            for i in range(b):
+                same = valid[self.bank_groups[valid] == groups[i]] if int(groups[i]) >= 0 else valid[:0]
+                if len(same):
+                    rows[i] = _spread(same, self.bank_scores, rows.shape[1])
+        return rows
 
     # -- model
 
@@ -331,19 +431,16 @@ class PoseHead(Head):
         x = self._standardised(features, mask)
         return self.embed(x) + _sinusoid(x.shape[1], self.config.hidden_dim, x.device)
 
-    def forward(self, features: Tensor, mask: Tensor | None = None) -> HeadOutput:
+    def forward(self, features: Tensor, mask: Tensor | None = None,
+                labels: dict[str, Tensor] | None = None) -> HeadOutput:
+        """``labels`` (optional, one row per video): ``group`` (index in config.groups, -1 unknown) chooses
+        exemplars of the query's group; ``bank_row`` keeps a training query from being its own exemplar."""
         c = self.config
         mask = check_inputs(features, mask, c.in_dim)
         b, t = mask.shape
         q = self._tokens(features, mask)
         if c.exemplars:
-            if self.training:
-                valid = torch.nonzero(self.bank_valid).flatten()
-                if len(valid) == 0:
-                    raise AqaError("pose head: the exemplar bank is empty", fix="train through aqa train")
-                rows = valid[torch.randint(len(valid), (b, 1), device=valid.device)]  # one random exemplar each
-            else:
-                rows = self.inference_exemplars().unsqueeze(0).expand(b, -1)
+            rows = self._exemplar_rows(b, labels)
             k = rows.shape[1]
             flat = rows.reshape(-1)
             memory = self._tokens(self.bank_features[flat], self.bank_mask[flat])
@@ -424,9 +521,15 @@ class PoseHead(Head):
             info["exemplars"] = [{"id": n, "score": round(float(s), 4), "difference": round(float(d), 4)}
                                  for n, s, d in zip(names, out.extras["exemplar_scores"][index],
                                                     out.extras["difference"][index])]
+            if c.groups:
+                for entry, g in zip(info["exemplars"], self.bank_groups[out.extras["exemplar_rows"][index]].tolist()):
+                    entry["group"] = c.groups[g] if g >= 0 else ""
             info["decomposition"] = ("score = mean over exemplars of (exemplar score + Σ_t w_t·d_t); each clip score "
                                      "is the exemplars' mean score plus that clip's difference contribution ÷ its "
                                      "weight, so Σ w·s equals the total exactly")
+        elif c.exemplars:  # an ensemble of exemplar heads: each member read its own bank
+            info["decomposition"] = ("the mean of several exemplar heads; each clip score is their weight-averaged "
+                                     "clip score, so Σ w·s equals the total exactly")
         else:
             info["decomposition"] = "direct regression: Σ w·s equals the total exactly"
         if "step_probs" in out.extras:
