@@ -36,6 +36,35 @@ a clip is 1.28 s, in which a diver turns a full somersault: one mean pose
 would blur it into a ball. Runs rather than all 32 frames flattened because
 that would be 4,224 values per clip, mostly noise of the estimator.
 
+**Phantoms.** BlazePose fits a body to whatever its detector fired on, and on
+high-contrast random texture (``synthetic.moving_scene``) it fires on most
+frames: a whole skeleton folded into the moving disc, or pointing straight at
+the camera. Real footage has the same failure as misfits (a skeleton with its
+nose on the belly, a hand over the lens read as a torso). The API offers no
+score to refuse them by: presence is not filled in (0 for every landmark of
+every frame), visibility is higher on phantoms than on people (mean torso
+visibility: median 0.99 on phantoms, 0.85 and 0.97 on the two real videos), and
+the tracking confidence does not separate them either (at 0.9 a person is still
+reported in 33 of 64 texture frames, and arm_wrestling.mp4 keeps 91 of its
+195). What gives a phantom away is the body it implies. BlazePose's world
+landmarks are in metres whatever the person's size in the frame, and a body has
+proportions, so every body must pass a plausibility gate of three checks
+(:func:`plausible_body`; thresholds and measured figures at the constants): the
+torso is not short against the limbs, the body does not lie along the line of
+sight, the nose is not inside the chest. Which way up the person is does not
+matter (copies of the real videos turned by 90°, 180° and 270° pass as the
+originals do), which an athlete needs. The one pose a real person can have and
+still fail is a body pointing at the camera (a swimmer coming straight at it, a
+diver filmed from below), rare in sport footage. A body that fails is no person
+in that frame (``rejected`` in the per-frame file). When the followed body
+fails, the tracker is restarted, so that the next frame is searched afresh
+instead of following a phantom or a misfit on. Against restarting only after
+three failures in a row (bench_pose_gate.py): the mirrored pancake video, where
+a misfit fails on and off, keeps 253 frames with a person and 2 refused instead
+of 239 and 11; the shrunken arm_wrestling.mp4, where a real person's frame
+fails once and the detector is slow to find them again, keeps 209 instead of
+212.
+
 **No person.** A frame without a person is marked (``person`` False in the
 per-frame file, NaN landmarks there), never filled in. In the clip feature the
 run's presence fraction says how many frames its means come from; a run with
@@ -64,6 +93,39 @@ MODEL_FILES = ("modules/pose_detection/pose_detection.tflite", "modules/pose_lan
 
 N_LANDMARKS = 33
 NOSE, L_SHOULDER, R_SHOULDER, L_HIP, R_HIP = 0, 11, 12, 23, 24
+# The long bones of the limbs as landmark pairs: upper arms, forearms, thighs, shins (left, right).
+LIMB_BONES = ((11, 13), (12, 14), (13, 15), (14, 16), (23, 25), (24, 26), (25, 27), (26, 28))
+# Shoulders, elbows, wrists, hips, knees, ankles: the body's extent, without the face, hands and feet that sit
+# close to other points.
+BODY_JOINTS = (11, 12, 13, 14, 15, 16, 23, 24, 25, 26, 27, 28)
+
+# The plausibility gate. Figures from bench/bench_pose_gate.py: BlazePose's world landmarks on every frame with
+# a person of arm_wrestling.mp4 and flipping_a_pancake.mkv and of copies of both turned by 90°, 180° and 270°,
+# mirrored, and shrunk to 35% in a grey frame (2,696 frames, "real"), against the random-texture scenes of
+# synthetic.moving_scene at 11 seeds and sizes and samples/moving_disc.mp4 (708 frames, "phantom"). Each
+# threshold lies beyond the real frames' 1st (or 99th) percentile; the real frames they flag that were looked
+# at were misfits.
+#
+# Torso (hip midpoint to shoulder midpoint) over the mean long limb bone. Anthropometric tables put it at 1.40
+# (torso 0.29 of stature, limb bones 0.15-0.25); real frames: 1st percentile 1.49, median 1.85, never below 1.42
+# in the two unaltered videos; phantoms: median 1.26, a short torso between long limbs. Alone it flags 56% of
+# phantom frames and 6 real ones.
+MIN_TORSO_TO_LIMB = 1.3
+# How far the body lies along the line of sight: the root-mean-square spread of BODY_JOINTS in depth over their
+# spread in 3-D (0 = flat across the image, 1 = a line pointing at the camera; an anthropometric adult pointing
+# straight at it scores 0.91, one leaning 70° towards it 0.85). Real frames: median 0.35, 99th percentile 0.89
+# (0.81 in the unaltered videos); phantoms: 5th percentile 0.89, median 0.95, a body seen end on being what fits
+# into a disc. Alone it flags 93% of phantom frames and 5 real ones, all a hand over the lens.
+MAX_END_ON = 0.9
+# Nose to the shoulder midpoint in metres: ~0.2 m in an adult, ~0.12 m with the chin on the chest. Real frames:
+# 1st percentile 0.09, median 0.19; phantoms: median 0.09. Alone it flags 44% of phantom frames and 22 real
+# ones (0.8%: the skeletons looked at had the nose on the belly or in a hand).
+MIN_NOSE_M = 0.08
+# Together they flag 98.2% of phantom frames and 31 real ones (1.1%), before the tracker restarts (module notes).
+
+# Part of the features' identity (BACKBONE.weights, hence the cache key): bump it when the gate changes.
+GATE_VERSION = 1
+
 SEGMENTS = 4
 PER_SEGMENT = 3 * N_LANDMARKS * 2 + 2 + 1
 FEATURE_DIM = SEGMENTS * PER_SEGMENT + N_LANDMARKS
@@ -72,10 +134,37 @@ FRAME_OUTPUTS = {
     "person": "bool [clips, frames]: a person was found in the frame",
     "landmarks": "float32 [clips, frames, 33, 4]: x, y as fractions of the frame's width and height, z on the "
                  "x scale (BlazePose), visibility; NaN where no person",
+    "rejected": "bool [clips, frames]: BlazePose placed a body that failed the plausibility gate and no other "
+                "person was accepted; person is False there",
     "world": "float32 [clips, frames, 33, 3]: BlazePose's metric 3-D landmarks around the hips; NaN where no person",
     "normalised": "float32 [clips, frames, 33, 3]: centred on the hips, divided by the torso length; NaN where "
                   "no person",
 }
+
+
+def body_measures(world: np.ndarray) -> dict[str, np.ndarray]:
+    """The gate's measures of BlazePose world landmarks [..., 33, 3] (metres), each an array [...]:
+    ``torso_to_limb``, ``end_on`` and ``nose_m`` (defined at the thresholds)."""
+    world = np.asarray(world, dtype=np.float64)
+    shoulder = (world[..., L_SHOULDER, :] + world[..., R_SHOULDER, :]) / 2
+    hip = (world[..., L_HIP, :] + world[..., R_HIP, :]) / 2
+    torso = np.linalg.norm(shoulder - hip, axis=-1)
+    bones = np.stack([np.linalg.norm(world[..., a, :] - world[..., b, :], axis=-1) for a, b in LIMB_BONES], axis=-1)
+    body = world[..., BODY_JOINTS, :]
+    spread = body - body.mean(axis=-2, keepdims=True)
+    depth_sq = (spread[..., 2] ** 2).sum(axis=-1)
+    total_sq = (spread ** 2).sum(axis=(-2, -1))
+    # A skeleton collapsed to a point has no proportions: it scores 0 and 1, failing the gate, instead of 0 / 0.
+    flat = total_sq < 1e-12
+    return {"torso_to_limb": torso / np.maximum(bones.mean(axis=-1), 1e-6),
+            "end_on": np.where(flat, 1.0, np.sqrt(depth_sq / np.where(flat, 1.0, total_sq))),
+            "nose_m": np.linalg.norm(world[..., NOSE, :] - shoulder, axis=-1)}
+
+
+def plausible_body(world: np.ndarray) -> np.ndarray:
+    """Bool [...]: world landmarks [..., 33, 3] describe a body a person could have (see the thresholds)."""
+    m = body_measures(world)
+    return (m["torso_to_limb"] >= MIN_TORSO_TO_LIMB) & (m["end_on"] <= MAX_END_ON) & (m["nose_m"] >= MIN_NOSE_M)
 
 
 def _import_mediapipe():
@@ -134,6 +223,7 @@ class PersonFinder:
             self._tracker.close()
         self._tracker = self._new_tracker()
         self._count = 0
+        self.rejected = False  # the last frame had a body that failed the gate, and no person was accepted
 
     def close(self) -> None:
         self._tracker.close()
@@ -160,11 +250,14 @@ class PersonFinder:
         mx, my = 0.1 * (x1 - x0), 0.1 * (y1 - y0)
         img[max(0, int(y0 - my)):int(min(h, y1 + my)) + 1, max(0, int(x0 - mx)):int(min(w, x1 + mx)) + 1] = 0
 
-    def _people(self, rgb: np.ndarray) -> list[tuple[float, tuple, tuple[np.ndarray, np.ndarray]]]:
-        """Everyone the detector finds, one at a time (each found person blacked out): (area, box, result)."""
+    def _people(self, rgb: np.ndarray) -> tuple[list[tuple[float, tuple, tuple[np.ndarray, np.ndarray]]], bool]:
+        """Everyone the detector finds, one at a time (each found body blacked out): ([(area, box, result)],
+        whether a body failed the gate). A body that fails is not a person, but it is blacked out and the search
+        goes on, so that a phantom found first does not hide a person."""
         h, w = rgb.shape[:2]
         img = rgb.copy()
         found: list[tuple[float, tuple, tuple[np.ndarray, np.ndarray]]] = []
+        refused = False
         for _ in range(self.max_people):
             res = self._estimate(self._static, img)
             if res is None:
@@ -172,16 +265,29 @@ class PersonFinder:
             box = self._box_of(res[0], w, h)
             if any(_iou(box, b) > 0.3 for _, b, _ in found):
                 break  # the remnant of someone already found
-            found.append((_area(box), box, res))
+            if plausible_body(res[1]):
+                found.append((_area(box), box, res))
+            else:
+                refused = True
             self._blacken(img, box)
-        return found
+        return found, refused
 
     def __call__(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        """(landmarks [33, 4], world [33, 3]) of the followed person in this frame, or None."""
+        """(landmarks [33, 4], world [33, 3]) of the followed person in this frame, or None; ``self.rejected``
+        then says whether a body was found and refused by the plausibility gate."""
         h, w = rgb.shape[:2]
         result = self._estimate(self._tracker, rgb)
+        refused = False
+        if result is not None and not plausible_body(result[1]):
+            # What the tracker follows is not a body (or no longer the person's): restart it, so that the next frame
+            # is searched afresh instead of following it on.
+            result, refused = None, True
+            self._restart_tracker()
         if self._count % self.search_every == 0 or result is None:
-            people = self._people(rgb) if self._count % self.search_every == 0 else []
+            people: list = []
+            if self._count % self.search_every == 0:
+                people, searched_refused = self._people(rgb)
+                refused = refused or searched_refused
             if people:
                 area, box, best = max(people, key=lambda p: p[0])
                 tracked = None if result is None else self._box_of(result[0], w, h)
@@ -192,11 +298,17 @@ class PersonFinder:
                     for _, other, _ in people:
                         if other is not box:
                             self._blacken(masked, other)
-                    self._tracker.close()
-                    self._tracker = self._new_tracker()
-                    result = self._estimate(self._tracker, masked) or best
+                    self._restart_tracker()
+                    result = self._estimate(self._tracker, masked)
+                    if result is None or not plausible_body(result[1]):
+                        result = best  # the still-image estimate, which passed the gate in _people
         self._count += 1
+        self.rejected = refused and result is None
         return result
+
+    def _restart_tracker(self) -> None:
+        self._tracker.close()
+        self._tracker = self._new_tracker()
 
 
 def _area(box: tuple) -> float:
@@ -273,16 +385,19 @@ class PoseBackbone(Backbone):
         person = np.zeros((b, t), dtype=bool)
         lms = np.full((b, t, N_LANDMARKS, 4), np.nan, dtype=np.float32)
         world = np.full((b, t, N_LANDMARKS, 3), np.nan, dtype=np.float32)
+        rejected = np.zeros((b, t), dtype=bool)
         for i in range(b):
             for j in range(t):
                 found = self.finder(clips[i, j])
+                rejected[i, j] = self.finder.rejected
                 if found is not None:
                     person[i, j] = True
                     lms[i, j], world[i, j] = found
         norm, hip, torso = normalise_landmarks(lms, w, h)
         fps = float(self.recipe.fps or 25.0)
         feats = np.stack([clip_feature(norm[i], lms[i, ..., 3], hip[i], torso[i], person[i], fps) for i in range(b)])
-        return feats, None, {"person": person, "landmarks": lms, "world": world, "normalised": norm}
+        return feats, None, {"person": person, "rejected": rejected, "landmarks": lms, "world": world,
+                             "normalised": norm}
 
 
 def _create(spec: BackboneSpec, device: torch.device, precision: str) -> PoseBackbone:
@@ -302,7 +417,7 @@ def _create(spec: BackboneSpec, device: torch.device, precision: str) -> PoseBac
 BACKBONE = BackboneSpec(
     name="pose",
     description="MediaPipe BlazePose (full) landmarks per frame, pooled per clip: positions, velocities, presence",
-    weights=f"mediapipe-{MEDIAPIPE_VERSION}-pose-full",
+    weights=f"mediapipe-{MEDIAPIPE_VERSION}-pose-full-gate{GATE_VERSION}",
     recipe=POSE_RECIPE,
     feature_dim=FEATURE_DIM,
     factory=_create,
