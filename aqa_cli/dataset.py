@@ -319,6 +319,13 @@ def _code(value: Any) -> int | None:
     return code if code == value else None
 
 
+def _caption_text(caption: Any) -> str:
+    """A release caption (a string or a list of words) as one line; ``<eos>``-style markers dropped."""
+    if isinstance(caption, (list, tuple)):
+        caption = " ".join(str(w) for w in caption if not (str(w).startswith("<") and str(w).endswith(">")))
+    return " ".join(str(caption).split())
+
+
 def convert_mtl_aqa(annotations: str | Path, out: str | Path, *, captions: str | Path | None = None,
                     split: str | Path | None = None, subtasks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The release's ``final_annotations_dict.pkl`` (and ``final_captions_dict.pkl``) → one label CSV.
@@ -373,10 +380,7 @@ def convert_mtl_aqa(annotations: str | Path, out: str | Path, *, captions: str |
                 else:
                     value = classes[code]
             row.append("" if value is None else value)
-        caption = caps.get(key, "")
-        if isinstance(caption, (list, tuple)):
-            caption = " ".join(str(w) for w in caption if not (str(w).startswith("<") and str(w).endswith(">")))
-        caption = " ".join(str(caption).split())
+        caption = _caption_text(caps.get(key, ""))
         n_captions += bool(caption)
         row.append(caption)
         writer.writerow(row)
@@ -400,10 +404,6 @@ def caption_check(annotations: dict, captions: dict, subtasks: list[dict[str, An
     A class without cue words ("no armstand") agrees when no other class is named in a fifth of its captions,
     and disagrees when one is named in a third.
     """
-    def text(key: Any) -> str:
-        cap = captions.get(key, "")
-        return " ".join(str(w) for w in cap) if isinstance(cap, (list, tuple)) else str(cap)
-
     rows = []
     for sub in subtasks:
         cues = sub.get("cues") or []
@@ -413,7 +413,7 @@ def caption_check(annotations: dict, captions: dict, subtasks: list[dict[str, An
         by_code: dict[int, list[str]] = {}
         for key, fields in annotations.items():
             code = _code(fields.get(sub["column"]))
-            caption = text(key).lower()
+            caption = _caption_text(captions.get(key, "")).lower()
             if code is not None and 0 <= code < len(sub["classes"]) and caption.strip():
                 by_code.setdefault(code, []).append(caption)
         for code in sorted(by_code):

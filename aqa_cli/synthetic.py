@@ -138,3 +138,35 @@ def planted_dives(folder: str | Path, n: int, seed: int, dim: int = 40) -> list[
 
     pd.DataFrame(rows).to_csv(folder / "labels.csv", index=False)
     return rows
+
+
+def planted_step_figures(head, data) -> dict[str, float]:
+    """How a pose head with a step branch reads planted dives' steps, held out: per-frame accuracy, the mean
+    |error| of the 3 inner step boundaries in frames, and that error for a perfect classifier of whole runs
+    (every frame of a run given the run's majority step), the best the runs alone allow. The steps of a planted
+    dive come in order, so a boundary is the count of frames up to a step."""
+    import torch
+
+    from aqa_cli.heads.pose import _encode_steps
+
+    def boundaries(classes: np.ndarray) -> np.ndarray:
+        return np.array([(classes <= k).sum() for k in range(len(DIVE_STEPS) - 1)])
+
+    # Not head.encode_labels: that would refill the head's exemplar bank from these dives.
+    truth, _ = _encode_steps(head.config, data)
+    run = _DIVE_FRAMES // DIVE_RUNS
+    correct = total = 0
+    err, run_err = [], []
+    with torch.inference_mode():
+        for i, f in enumerate(data.features):
+            pred = head(torch.tensor(f)[None]).extras["step_probs"][0].argmax(-1).numpy()
+            true = truth[i, : len(f) * _DIVE_FRAMES].numpy()
+            if pred.shape != true.shape or (true < 0).any():
+                raise ValueError(f"dive {data.ids[i]}: {pred.shape} predictions for {true.shape} labelled frames")
+            correct += int((pred == true).sum())
+            total += len(true)
+            err.append(np.abs(boundaries(pred) - boundaries(true)))
+            majority = np.array([np.bincount(r, minlength=len(DIVE_STEPS)).argmax() for r in true.reshape(-1, run)])
+            run_err.append(np.abs(boundaries(majority.repeat(run)) - boundaries(true)))
+    return {"accuracy": correct / total, "boundary_error": float(np.mean(err)),
+            "run_boundary_error": float(np.mean(run_err))}

@@ -21,12 +21,10 @@ import numpy as np
 import torch
 
 from aqa_cli.dataset import load_feature_set
-from aqa_cli.heads.pose import _encode_steps
 from aqa_cli.metrics import spearman
-from aqa_cli.synthetic import DIVE_RUN_DIM, DIVE_RUNS, DIVE_STEPS, planted_dives
+from aqa_cli.synthetic import DIVE_RUN_DIM, DIVE_RUNS, DIVE_STEPS, planted_dives, planted_step_figures
 from aqa_cli.training import TrainSettings, fit, predict, predict_set
 
-FRAMES = 32
 CONFIG = {"in_dim": 40, "hidden_dim": 64, "n_head": 4, "n_layers": 2, "dropout": 0.0, "k_exemplars": 8,
           "bank_size": 64, "step_classes": DIVE_STEPS, "difficulty_column": "difficulty", "execution_min": 0.0,
           "execution_max": 30.0, "score_min": 0.0, "score_max": 120.0, "frame_runs": DIVE_RUNS,
@@ -35,25 +33,6 @@ SETTINGS = TrainSettings(epochs=40, batch_size=16, optimizer="adamw", lr=1e-3, w
                          eval_every=0)
 VARIANTS = {"exemplar head": {}, "direct baseline": {"exemplars": False},
             "steps without runs": {"frame_runs": 0}, "steps without context": {"frame_kernel": 1}}
-
-
-def boundaries(classes: np.ndarray) -> np.ndarray:
-    return np.array([(classes <= k).sum() for k in range(len(DIVE_STEPS) - 1)])
-
-
-def step_figures(head, test) -> tuple[float, float, float]:
-    truth, _ = _encode_steps(head.config, test)
-    acc, err, run_err = [], [], []
-    with torch.inference_mode():
-        for i, f in enumerate(test.features):
-            pred = head(torch.tensor(f)[None]).extras["step_probs"][0].argmax(-1).numpy()
-            true = truth[i, : len(f) * FRAMES].numpy()
-            acc.append((pred == true).mean())
-            err.append(np.abs(boundaries(pred) - boundaries(true)))
-            runs = true.reshape(-1, FRAMES // DIVE_RUNS)
-            majority = np.array([np.bincount(r, minlength=4).argmax() for r in runs]).repeat(FRAMES // DIVE_RUNS)
-            run_err.append(np.abs(boundaries(majority) - boundaries(true)))
-    return float(np.mean(acc)), float(np.mean(err)), float(np.mean(run_err))
 
 
 def main() -> None:
@@ -76,7 +55,8 @@ def main() -> None:
                 head = fit("pose", {**CONFIG, **change}, train, SETTINGS, seed=seed).head
                 rho_exec = spearman(predict(head, test.features), execution)
                 rho = spearman(predict_set(head, test), test.targets)
-                acc, err, run_err = step_figures(head, test)
+                steps = planted_step_figures(head, test)
+                acc, err, run_err = steps["accuracy"], steps["boundary_error"], steps["run_boundary_error"]
                 print(f"| {seed} | {name} | {rho_exec:.3f} | {rho:.3f} | {acc:.3f} | {err:.2f} | {run_err:.2f} |",
                       flush=True)
 

@@ -14,7 +14,7 @@ from aqa_cli.errors import AqaError, WeightsError
 from aqa_cli.heads import create_head
 from aqa_cli.heads.checkpoint import load_head, save_head
 from aqa_cli.metrics import spearman
-from aqa_cli.synthetic import DIVE_RUN_DIM, DIVE_RUNS, DIVE_STEPS, planted_dives
+from aqa_cli.synthetic import DIVE_RUN_DIM, DIVE_RUNS, DIVE_STEPS, planted_dives, planted_step_figures
 from aqa_cli.training import TrainSettings, fit, predict, predict_set
 
 STEPS = DIVE_STEPS
@@ -25,11 +25,6 @@ SMALL = {"in_dim": DIM, "hidden_dim": 64, "n_head": 4, "n_layers": 2, "dropout":
          "execution_max": 30.0, "score_min": 0.0, "score_max": 120.0, "frame_runs": RUNS, "run_dim": RUN_DIM}
 SETTINGS = TrainSettings(epochs=40, batch_size=16, optimizer="adamw", lr=1e-3, weight_decay=1e-2, crop=0,
                          eval_every=0)
-
-
-def boundaries(frame_classes: np.ndarray) -> np.ndarray:
-    """Where each step ends, as a count of frames (steps come in order): the 3 inner boundaries."""
-    return np.array([(frame_classes <= k).sum() for k in range(len(STEPS) - 1)])
 
 
 @pytest.fixture(scope="module")
@@ -58,26 +53,8 @@ def test_planted_score_steps_and_difficulty(planted):
     np.testing.assert_allclose(final, raw * np.array([float(r["difficulty"]) for r in rows]), rtol=1e-6)
 
     # Step labels, per frame, on held-out dives: accuracy (chance 0.25) and where the boundaries fall.
-    # (not head.encode_labels: that would refill the bank from the test dives)
-    from aqa_cli.heads.pose import _encode_steps
-
-    truth, clips = _encode_steps(head.config, test)
-    correct = total = 0
-    err, run_err = [], []
-    with torch.inference_mode():
-        for i, f in enumerate(test.features):
-            out = head(torch.tensor(f)[None])
-            pred = out.extras["step_probs"][0].argmax(-1).numpy()
-            true = truth[i, : len(f) * FRAMES].numpy()
-            assert pred.shape == true.shape and (true >= 0).all()
-            correct += int((pred == true).sum())
-            total += len(true)
-            err.append(np.abs(boundaries(pred) - boundaries(true)))
-            # The best any run-level classifier could do: every frame of a run gets the run's majority step.
-            runs = true.reshape(-1, FRAMES // RUNS)
-            majority = np.array([np.bincount(r, minlength=4).argmax() for r in runs]).repeat(FRAMES // RUNS)
-            run_err.append(np.abs(boundaries(majority) - boundaries(true)))
-    acc, err, run_err = correct / total, np.mean(err), np.mean(run_err)
+    steps = planted_step_figures(head, test)
+    acc, err, run_err = steps["accuracy"], steps["boundary_error"], steps["run_boundary_error"]
     print(f"step accuracy per frame {acc:.3f} (chance 0.25); boundary error {err:.2f} frames (a perfect "
           f"8-frame-run classifier: {run_err:.2f}; per clip: more)")
     assert acc > 0.95

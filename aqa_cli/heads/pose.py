@@ -401,7 +401,7 @@ class PoseHead(Head):
         if len(valid) == 0:
             raise AqaError("pose head: the exemplar bank is empty", fix="train the head (aqa train) before scoring")
         if self.training:
-            rows = valid[torch.randint(len(valid), (b,), device=valid.device)]
+            rows = []
             for i in range(b):
                 pool = valid
                 if groups is not None and int(groups[i]) >= 0:
@@ -409,9 +409,8 @@ class PoseHead(Head):
                     pool = same if len(same) else valid
                 if own is not None and int(own[i]) >= 0 and len(pool) > 1:
                     pool = pool[pool != own[i]]
-                if groups is not None or own is not None:
-                    rows[i] = pool[torch.randint(len(pool), (1,), device=valid.device)][0]
-            return rows.unsqueeze(1)
+                rows.append(pool[torch.randint(len(pool), (1,), device=valid.device)])
+            return torch.cat(rows).unsqueeze(1)
         fixed = self.inference_exemplars()
         rows = fixed.unsqueeze(0).repeat(b, 1)
         if groups is not None:
