@@ -41,6 +41,37 @@ def i3d():
         pytest.skip(f"real I3D weights unavailable: {exc.message}")
 
 
+# The determinism promise (README, "Determinism"). Bitwise: one instance run twice in one process; training with
+# one seed on one machine; a backbone's features from one weights file across runs on one machine (same precision
+# and thread count). Everything else (another instance of the same weights, a checkpoint loaded back, another batch
+# shape, thread count, machine or CPU vendor) agrees within this float32 tolerance, never bitwise: oneDNN/MKL pick
+# kernels per call, and a frozen module (a checkpoint loaded for inference) takes PyTorch's fused transformer
+# fast path where a trainable one takes the composite path (1 ulp apart on AMD EPYC, equal on the Xeons).
+CROSS_INSTANCE = {"atol": 1e-5, "rtol": 1e-5}
+
+
+def assert_same_model(a, b) -> None:
+    """Two modules hold bitwise the same parameters and buffers (the part of "the same model" that is exact)."""
+    import torch
+
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def assert_close_across_instances(actual, expected) -> None:
+    """Outputs of two instances of one model agree within :data:`CROSS_INSTANCE`."""
+    import torch
+
+    torch.testing.assert_close(actual, expected, **CROSS_INSTANCE)
+
+
+def approx_across_instances(expected: float):
+    """``pytest.approx`` with :data:`CROSS_INSTANCE`: a score from another process or head instance."""
+    return pytest.approx(expected, abs=CROSS_INSTANCE["atol"], rel=CROSS_INSTANCE["rtol"])
+
+
 def run_aqa(*args: str | os.PathLike, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the CLI in a subprocess, as a user would."""
     full_env = {**os.environ, **(env or {})}

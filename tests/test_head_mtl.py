@@ -21,7 +21,7 @@ from aqa_cli.heads.checkpoint import load_head, save_head
 from aqa_cli.heads.mtl import ADDITIVE, build_vocab, tokenize
 from aqa_cli.metrics import spearman
 from aqa_cli.training import TrainSettings, fit
-from conftest import run_aqa, write_labels_csv
+from conftest import assert_close_across_instances, assert_same_model, run_aqa, write_labels_csv
 
 POSITIONS = ["free", "tuck", "pike"]
 SCHEMA = [{"name": "position", "classes": POSITIONS},
@@ -204,9 +204,12 @@ def test_checkpoint_round_trip_keeps_vocabulary_and_schema(planted, tmp_path):
     loaded = load_head(path)
     assert loaded.config["vocab"] == head.config.vocab and loaded.config["subtasks"] == SCHEMA
     x = torch.tensor(np.asarray(test.features[0], dtype=np.float32)).unsqueeze(0)
+    assert_same_model(loaded.model, head)
     with torch.no_grad():
         a, b = head(x), loaded.model(x)
-    assert torch.equal(a.score, b.score) and torch.equal(a.extras["caption_tokens"], b.extras["caption_tokens"])
+    # Two instances: scores within the cross-instance tolerance; the greedy commentary is discrete and the same.
+    assert_close_across_instances(b.score, a.score)
+    assert torch.equal(a.extras["caption_tokens"], b.extras["caption_tokens"])
     assert loaded.model.describe(b) == head.describe(a)
     # Two members: class probabilities are averaged, the decomposition still adds up.
     both = load_head(save_head(tmp_path / "two.safetensors", [head, copy.deepcopy(head)], {"target": "final_score"}))

@@ -27,7 +27,7 @@ from aqa_cli.presets import load_preset
 from aqa_cli.report import TOP_COLOUR, WEIGHT_COLOUR, render_report, write_report
 from aqa_cli.scoring import Scorer, choose_heads, find_inputs
 from aqa_cli.synthetic import index_frames, moving_scene, write_video
-from conftest import REPO, run_aqa
+from conftest import REPO, approx_across_instances, run_aqa
 
 SAMPLE = REPO / "samples" / "moving_disc.mp4"
 I3D_CONTRACT = {"backbone": "i3d", "feature_dim": 1024, "recipe": "i3d-deepmind"}
@@ -232,12 +232,13 @@ def test_score_the_sample_end_to_end(env, i3d, tmp_path):
         pixels = np.asarray(im.convert("RGB"))
     assert pixels.std() > 10  # not a blank canvas
 
-    # Again as JSON: the features come from the cache and the score is the same.
+    # Again as JSON, in another process: the features come from the cache (the same bytes) and the score is the
+    # same within the cross-instance tolerance (another process, another head instance).
     res = run_aqa("score", SAMPLE, "--json", env=env)
     assert res.returncode == 0, res.stderr
     obj = json.loads(res.stdout)
     assert {"video", "preset", "head", "backbone", "score", "scale", "clips", "extras"} <= set(obj)
-    assert obj["features_source"] == "cache" and obj["score"] == pytest.approx(row["score"], abs=1e-9)
+    assert obj["features_source"] == "cache" and obj["score"] == approx_across_instances(row["score"])
     assert obj["scale"] == {"min": 0.0, "max": 40.0, "unit": "points"}
     assert [c["index"] for c in obj["clips"]] == [0, 1, 2, 3, 4]
     assert_sums_back(obj)
@@ -275,9 +276,10 @@ def test_another_head_reuses_the_cached_features_without_the_backbone(env, i3d, 
     assert b.ok and b.features_source == "cache" and b.head == "interp"
     assert calls == [] and second.stats == {"backbone_runs": 0, "cache_hits": 1, "backbones_built": 0}
 
-    # Determinism: the backbone run again (no cache) gives exactly the same score.
+    # Determinism: the backbone run again (no cache) gives the same score; the head is loaded again, another
+    # instance, so within the cross-instance tolerance.
     [c] = Scorer(choose_heads(head="gdlt"), cache=None, backbone_factory=factory, device="cpu").score(short_video)
-    assert c.features_source == "backbone" and c.score == a.score
+    assert c.features_source == "backbone" and c.score == approx_across_instances(a.score)
 
     # A damaged entry is recomputed, not trusted, and comes back intact.
     [entry] = list((tmp_path / "cache").rglob("*.npy"))
@@ -286,9 +288,9 @@ def test_another_head_reuses_the_cached_features_without_the_backbone(env, i3d, 
     entry.write_bytes(bytes(data))
     third = Scorer(choose_heads(head="gdlt"), cache=cache, backbone_factory=factory, device="cpu")
     [d] = third.score(short_video)
-    assert third.stats["backbone_runs"] == 1 and d.features_source == "backbone" and d.score == a.score
+    assert third.stats["backbone_runs"] == 1 and d.features_source == "backbone" and d.score == approx_across_instances(a.score)
     [e] = Scorer(choose_heads(head="gdlt"), cache=cache, backbone_factory=factory, device="cpu").score(short_video)
-    assert e.features_source == "cache" and e.score == a.score
+    assert e.features_source == "cache" and e.score == approx_across_instances(a.score)
 
 
 @pytest.mark.slow
@@ -339,7 +341,7 @@ def test_feature_files_score_like_their_video(env, i3d, i3d_features, short_vide
     scorer = Scorer(choose_heads(head="gdlt"), cache=None, backbone_factory=factory, device="cpu")
     from_file, from_video = scorer.score(i3d_features)[0], scorer.score(short_video)[0]
     assert from_file.features_source == "file" and from_file.video == short_video
-    assert from_file.score == pytest.approx(from_video.score, abs=1e-6)
+    assert from_file.score == approx_across_instances(from_video.score)
     assert [(c.start_s, c.end_s) for c in from_file.clips] == [(c.start_s, c.end_s) for c in from_video.clips]
     assert calls == ["i3d"]  # only the video needed the backbone
 
