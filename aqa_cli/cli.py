@@ -206,8 +206,11 @@ def score(
                                                               "($AQA_HOME/features).")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Clips per backbone forward pass.")] = 4,
     decoder: Annotated[str, typer.Option(help="auto (decord, else PyAV), decord or pyav.")] = "auto",
+    top: Annotated[Optional[int], typer.Option(min=1, help="Show only the N clips that move the score most (by "
+                                                           "measured effect) in each table.")] = None,
 ) -> None:
-    """Score videos: the total on the sport's scale, and each clip's weight and score behind it."""
+    """Score videos: the total on the sport's scale, each clip's weight and score behind it, and what each clip
+    measurably does to the score."""
     import json as _json
 
     from aqa_cli.cache import FeatureCache
@@ -275,7 +278,7 @@ def score(
         print(_json.dumps(json_payload(results), indent=2, allow_nan=False))
     else:
         for r in primary_results(results):
-            _render_score(r)
+            _render_score(r, top)
         if agreement is not None:
             _render_agreement(agreement)
         if len(paths) > 1:
@@ -290,32 +293,53 @@ def score(
         raise typer.Exit(1)
 
 
-def _render_score(r) -> None:  # noqa: ANN001 - a VideoScore
-    from aqa_cli.report import format_range, format_total, heaviest, highlight_count, lowest_scoring
+def _render_score(r, top_n: int | None = None) -> None:  # noqa: ANN001 - a VideoScore
+    from aqa_cli.report import (
+        explanation_line, format_range, format_total, heaviest, highlight_count, largest_effects, lowest_scoring,
+    )
 
-    # Uniform weights (the mtl head averages its clips) have no heaviest clip to point at.
+    n_marked = highlight_count(len(r.clips))
+    moving = {c.index for c in largest_effects(r.clips, n_marked)}
+    # The head's own "heaviest" and "lowest score" are reasons only where its explanation is faithful; uniform
+    # weights (the mtl head averages its clips) have no heaviest clip to point at either.
     uniform = len(r.clips) > 1 and max(c.weight for c in r.clips) - min(c.weight for c in r.clips) < 1e-9
-    top = set() if uniform else {c.index for c in heaviest(r.clips, highlight_count(len(r.clips)))}
-    low = lowest_scoring(r.clips)
-    table = Table(title=f"{r.input} · {r.head_label}", title_justify="left")
+    faithful = r.explanation_faithful
+    top = set() if uniform or not faithful else {c.index for c in heaviest(r.clips, n_marked)}
+    low = lowest_scoring(r.clips) if faithful else None
+    shown = r.clips
+    if top_n is not None and top_n < len(r.clips):
+        # The N clips that matter most, by measured effect (by weight when effects are unknown), in time order.
+        keep = {c.index for c in (largest_effects(r.clips, top_n) or heaviest(r.clips, top_n))}
+        shown = [c for c in r.clips if c.index in keep]
+    title = f"{r.input} · {r.head_label}" + (f" · the {len(shown)} of {len(r.clips)} clips that move the score most"
+                                             if len(shown) < len(r.clips) else "")
+    table = Table(title=title, title_justify="left")
     table.add_column("clip", justify="right")
     table.add_column("time")
     table.add_column("weight", justify="right")
     table.add_column("score", justify="right")
     table.add_column("w·s", justify="right")
+    table.add_column("effect", justify="right")
     table.add_column("")
-    for c in r.clips:
+    for c in shown:
         marks, style = [], None
+        if c.index in moving:
+            marks.append("◆ top effect")
+            style = "bold magenta"
         if c.index in top:
             marks.append("★ heaviest")
-            style = "bold yellow"
+            style = style or "bold yellow"
         if low is not None and c.index == low.index:
             marks.append("▼ lowest score")
             style = style or "red"
+        effect = f"{c.effect:+.2f}" if c.effect is not None else "–"
         table.add_row(str(c.index), format_range(c), f"{c.weight:.3f}", f"{c.score:.2f}", f"{c.contribution:.2f}",
-                      ", ".join(marks), style=style)
+                      effect, ", ".join(marks), style=style)
     out.print(table)
     out.print(f"[bold]Total: {format_total(r)}[/bold]", highlight=False)
+    line = explanation_line(r)
+    out.print(f"  effect = score − the same head's score without that clip. {line[0].upper() + line[1:]}.",
+              highlight=False, style=None if faithful else "yellow")
     if r.additive:
         weighted = sum(c.contribution for c in r.clips)
         terms = " ".join(f"+ {k} {v:.2f}" for k, v in r.additive.items())
@@ -364,11 +388,11 @@ def _render_agreement(agreement: dict) -> None:
     for h in heads:
         table.add_column(h[len(prefix):], justify="right")
     table.add_column("spread (% of scale)", justify="right")
-    table.add_column("same top clip")
+    table.add_column("same top-effect clip")
     for v in agreement["videos"]:
         table.add_row(Path(v["video"]).name, *[f"{v['scores'][h]:.2f}" if h in v["scores"] else "–" for h in heads],
                       f"{v['spread']:.2f} ({100 * v['spread_of_scale']:.0f}%)",
-                      "yes" if v["heaviest_clip_agrees"] else "no")
+                      "yes" if v["top_effect_clip_agrees"] else "no")
     out.print(table)
     for p in agreement["pairwise_spearman"]:
         out.print(f"  Spearman ρ {p['heads'][0]} vs {p['heads'][1]}: {p['spearman']:.3f} over {p['n']} inputs",
@@ -376,13 +400,16 @@ def _render_agreement(agreement: dict) -> None:
 
 
 def _render_batch(results) -> None:  # noqa: ANN001 - list[VideoScore]
-    from aqa_cli.report import format_total
+    from aqa_cli.report import format_range, format_total, largest_effects
 
     table = Table(title="summary", title_justify="left")
-    for col in ("input", "head", "score", "status"):
+    for col in ("input", "head", "score", "moves the score most", "faithfulness", "status"):
         table.add_column(col)
     for r in results:
-        table.add_row(str(r.input), r.head_label, format_total(r) if r.ok else "–",
+        top = largest_effects(r.clips, 1) if r.ok else []
+        moves = f"clip {top[0].index} ({format_range(top[0])}, {top[0].effect:+.2f})" if top else "–"
+        faith = f"{r.faithfulness:.2f}" if r.ok and r.faithfulness is not None else "–"
+        table.add_row(str(r.input), r.head_label, format_total(r) if r.ok else "–", moves, faith,
                       "[green]ok[/green]" if r.ok else f"[red]failed[/red]: {r.error}")
     out.print(table)
 
@@ -404,6 +431,13 @@ def weights_list() -> None:
         cv = _json_field(h.metadata, "cv")
         what = f"{h.head} head, {h.metadata.get('preset') or h.target}" + (
             f", {cv['folds']}-fold CV ρ {cv['mean_spearman']:.3f}" if cv else "")
+        # How far its own weights and scores say what each clip does: held-out (CV) where measured so, else
+        # the figure recorded by bench/shipped_faithfulness.py.
+        faith = (cv or {}).get("explanation", {}).get("faithfulness")
+        where = "held-out"
+        if faith is None:
+            faith, where = (_json_field(h.metadata, "faithfulness") or {}).get("faithfulness"), "training videos"
+        what += f", faithfulness {faith:.2f} ({where})" if faith is not None else ", faithfulness not measured"
         t.add_row(h.path.stem, "head", f"{what} (shipped in weights/)", f"sha256 {sha256_file(h.path)}", str(h.path))
     out.print(t)
 
@@ -549,6 +583,8 @@ def train(
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Override the preset's epochs.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for initialisation, dropout, crops, shuffling and folds.")] = 0,
     folds: Annotated[int, typer.Option(min=0, help="K-fold cross-validation inside the data first (0: none).")] = 0,
+    repeats: Annotated[int, typer.Option(min=1, help="Repeat the K-fold cross-validation over this many fold draws "
+                                                     "(repeated K-fold; its standard error is reported).")] = 1,
     final: Annotated[str, typer.Option(help="all: one model on every video; folds: ship the K fold models as an ensemble.")] = "all",
     half: Annotated[bool, typer.Option(help="Store float16 tensors (half the file size).")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE over the preset's training or model settings (repeatable), e.g. --set lr=0.005.")] = None,
@@ -573,7 +609,7 @@ def train(
         except ValueError:
             overrides[key.strip()] = value
     job = TrainJob(features=str(features), labels=str(labels), target=target, head=head, out=str(out_path), preset=preset,
-                   epochs=epochs, seed=seed, folds=folds, final=final, device=str(resolve_device(device)), half=half,
+                   epochs=epochs, seed=seed, folds=folds, repeats=repeats, final=final, device=str(resolve_device(device)), half=half,
                    overrides=overrides, cv_from=str(cv_from) if cv_from else None)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                    TimeElapsedColumn(), console=err, transient=False) as progress:
@@ -581,6 +617,8 @@ def train(
 
         def on_epoch(fold, epoch, rec):
             where = f"fold {fold + 1}/{folds}" if fold is not None else "final"
+            if fold is not None and repeats > 1:
+                where += f" (× {repeats} repeats)"
             info = f"loss {rec['loss']:.4f}" + (f"  val ρ {rec['val_spearman']:.3f}" if "val_spearman" in rec else "")
             progress.update(task, description=f"{head} {where}", completed=epoch, total=rec["of"], info=info)
             if not err.is_terminal and (epoch % 10 == 0 or epoch == rec["of"]):
@@ -595,14 +633,21 @@ def train(
         err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     if "cv" in log:
         cv = log["cv"]
-        table = Table(title=f"{folds}-fold cross-validation ({log['target']}, {log['n_videos']} videos)")
+        what = f"{cv.get('repeats', 1)} × {folds}-fold" if cv.get("repeats", 1) > 1 else f"{folds}-fold"
+        table = Table(title=f"{what} cross-validation ({log['target']}, {log['n_videos']} videos)")
         table.add_column("fold", justify="right")
         table.add_column("videos", justify="right")
         table.add_column("Spearman ρ", justify="right")
         for k, (rho, n) in enumerate(zip(cv["fold_spearman"], cv["fold_sizes"]), start=1):
             table.add_row(str(k), str(n), f"{rho:.3f}")
         table.add_row("mean ± std", "", f"{cv['mean_spearman']:.3f} ± {cv['std_spearman']:.3f}", style="bold")
+        if "se_spearman" in cv:
+            table.add_row("mean ± s.e.", "", f"{cv['mean_spearman']:.3f} ± {cv['se_spearman']:.3f}", style="bold")
         out.print(table)
+        if "explanation" in cv:
+            ex = cv["explanation"]
+            out.print(f"explanations (held-out videos): faithfulness ρ(D^, D) {ex['faithfulness']:.3f}, "
+                      f"deletion area {ex['deletion_area']:+.4f} of the scale")
         out.print(f"out-of-fold: ρ {cv['oof']['spearman']:.3f}, Pearson {cv['oof']['pearson']:.3f}, "
                   f"R-ℓ2×100 {cv['oof']['rl2_x100']:.3f}, MAE {cv['oof']['mae']:.2f}")
     out.print(f"wrote {log['checkpoint']} ({log['train_seconds']:.0f} s) and its log "
@@ -653,15 +698,20 @@ def evaluate(
     weights: Annotated[list[Path], typer.Option(help="Head checkpoint(s); repeat for several.")],
     target: Annotated[Optional[list[str]], typer.Option(help="Label column(s): one for all, one per --weights, or none for each checkpoint's own.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (a list for several).")] = False,
+    explanations: Annotated[bool, typer.Option(help="Also measure how faithful each head's per-clip explanations "
+                                                    "are (one head pass per clip of every video).")] = True,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Spearman ρ, Pearson r, R-ℓ2×100 and MAE of trained heads on labelled features."""
+    """Spearman ρ, Pearson r, R-ℓ2×100 and MAE of trained heads on labelled features, and the faithfulness of
+    their per-clip explanations: ρ between the effect each clip's weight and score predicts and the measured
+    effect of removing it (mean over videos), and the deletion-curve area."""
     import json as _json
 
     from aqa_cli.backbones import resolve_device
     from aqa_cli.evaluation import evaluate as run_evaluate
 
-    results, overall = run_evaluate(features, labels, list(weights), target, device=str(resolve_device(device)))
+    results, overall = run_evaluate(features, labels, list(weights), target, device=str(resolve_device(device)),
+                                    explain=explanations)
     if json_out:
         rows = [r.to_dict() for r in results]
         payload = rows[0] if len(rows) == 1 else rows
@@ -673,12 +723,18 @@ def evaluate(
         for note in r.notes:
             err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     table = Table(title=f"evaluation on {features}")
-    for col in ("weights", "head", "target", "n", "Spearman ρ", "Pearson r", "R-ℓ2×100", "MAE"):
+    cols = ["weights", "head", "target", "n", "Spearman ρ", "Pearson r", "R-ℓ2×100", "MAE"]
+    if explanations:
+        cols += ["faithfulness", "deletion area"]
+    for col in cols:
         table.add_column(col, justify="left" if col in ("weights", "head", "target") else "right")
     for r in results:
         m = r.metrics
-        table.add_row(r.weights.name, r.head, r.target, str(m["n"]), f"{m['spearman']:.3f}", f"{m['pearson']:.3f}",
-                      f"{m['rl2_x100']:.3f}", f"{m['mae']:.2f}")
+        row = [r.weights.name, r.head, r.target, str(m["n"]), f"{m['spearman']:.3f}", f"{m['pearson']:.3f}",
+               f"{m['rl2_x100']:.3f}", f"{m['mae']:.2f}"]
+        if explanations:
+            row += [f"{m['faithfulness']:.3f}", f"{m['deletion_area']:+.4f}"]
+        table.add_row(*row)
     out.print(table)
     if overall is not None:
         out.print(f"Fisher-z mean Spearman ρ: [bold]{overall:.3f}[/bold]")

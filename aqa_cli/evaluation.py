@@ -1,4 +1,5 @@
-"""``aqa evaluate``: a trained head against labelled features, with the figures AQA papers report."""
+"""``aqa evaluate``: a trained head against labelled features, with the figures AQA papers report, and how
+faithful the head's per-clip explanations are (:func:`aqa_cli.effects.explanation_report`)."""
 
 from __future__ import annotations
 
@@ -30,9 +31,12 @@ class Evaluation:
 
 
 def evaluate(features: str | Path, labels: str | Path, weights: list[str | Path], targets: list[str] | None = None,
-             *, device: str = "cpu") -> tuple[list[Evaluation], float | None]:
+             *, device: str = "cpu", explain: bool = True) -> tuple[list[Evaluation], float | None]:
     """Evaluate each checkpoint on its target (``targets`` pairs with ``weights``, or one target serves all,
-    or none: each checkpoint's own). Returns the evaluations and, for several, the Fisher-z mean ρ."""
+    or none: each checkpoint's own). Returns the evaluations and, for several, the Fisher-z mean ρ.
+
+    ``explain`` adds the faithfulness of each head's explanations (mean and median over videos of ρ(D^, D))
+    and the deletion-curve area to its metrics; it costs one batched head pass per clip of every video."""
     if not weights:
         raise AqaError("no --weights given", fix="pass one or more head checkpoints (.safetensors)")
     targets = list(targets or [])
@@ -52,8 +56,15 @@ def evaluate(features: str | Path, labels: str | Path, weights: list[str | Path]
             data = datasets[lab.column(target)] = load_feature_set(features, lab, target)
         loaded.check_features(data.features, data.ids, data.feature_dir, data.contract)
         pred = predict_set(loaded.model, data, device=device)
+        metrics = report(pred, data.targets)
+        if explain:
+            from aqa_cli.effects import explanation_report
+
+            span = float(loaded.scale["score_max"]) - float(loaded.scale["score_min"])
+            ex = explanation_report(loaded.model, data.features, span, device=device)
+            metrics.update({k: ex[k] for k in ("faithfulness", "faithfulness_median", "deletion_area")})
         results.append(Evaluation(weights=Path(w), target=data.target_name, head=loaded.head,
-                                  metrics=report(pred, data.targets),
+                                  metrics=metrics,
                                   predictions={vid: float(p) for vid, p in zip(data.ids, np.round(pred, 4))},
                                   notes=data.notes))
     overall = fisher_z_mean([r.metrics["spearman"] for r in results]) if len(results) > 1 else None

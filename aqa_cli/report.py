@@ -27,6 +27,9 @@ TOP_CLIPS = 5
 WEIGHT_COLOUR = "#4c72b0"
 TOP_COLOUR = "#dd8452"
 SCORE_COLOUR = "#2a9d55"
+# The measured-effect panel: ordinary clips, and the clips that move the score most.
+EFFECT_COLOUR = "#8c8c8c"
+EFFECT_TOP_COLOUR = "#8e44ad"
 
 
 # ------------------------------------------------------------------------------------------------ text forms
@@ -62,6 +65,26 @@ def highlight_count(n_clips: int) -> int:
     return min(3, max(1, n_clips // 4))
 
 
+def largest_effects(clips: Sequence[ClipScore], k: int = TOP_CLIPS) -> list[ClipScore]:
+    """The ``k`` clips whose removal moves the score most (largest |measured effect|), largest first."""
+    known = [c for c in clips if c.effect is not None]
+    return sorted(known, key=lambda c: (-abs(c.effect), c.index))[:k]
+
+
+def explanation_line(result: VideoScore) -> str:
+    """One sentence on whether the head's weights and scores say what its clips do, with the measured ρ."""
+    from aqa_cli.scoring import FAITHFUL_RHO
+
+    if result.faithfulness is None:
+        return "too few clips to check the head's explanation against measured effects"
+    rho = result.faithfulness
+    if result.explanation_faithful:
+        return (f"the head's weights and scores are faithful here: they rank the clips as their measured effects do "
+                f"(ρ {rho:.2f})")
+    return (f"the head's weights and scores do NOT say what each clip does to this score (ρ {rho:.2f} against the "
+            f"measured effects, below {FAITHFUL_RHO}): read the effect column, not the weights")
+
+
 def lowest_scoring(clips: Sequence[ClipScore]) -> ClipScore | None:
     """The clip with the lowest score among those the head gives any weight."""
     weighted = [c for c in clips if c.weight > 0] or list(clips)
@@ -83,9 +106,10 @@ def scores_frame(results: Sequence[VideoScore]):  # -> pandas.DataFrame
     rows = [{"path": str(r.input), "status": r.status, "score": r.score if r.ok else None,
              "score_min": r.scale.get("min"), "score_max": r.scale.get("max"), "unit": r.scale.get("unit"),
              "head": r.head_label, "preset": r.preset, "backbone": r.backbone, "clips": len(r.clips) if r.ok else None,
-             "features": r.features_source or None, "error": r.error} for r in results]
+             "faithfulness": r.faithfulness if r.ok else None, "features": r.features_source or None,
+             "error": r.error} for r in results]
     columns = ["path", "status", "score", "score_min", "score_max", "unit", "head", "preset", "backbone", "clips",
-               "features", "error"]
+               "faithfulness", "features", "error"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -93,9 +117,11 @@ def clips_frame(results: Sequence[VideoScore]):  # -> pandas.DataFrame
     import pandas as pd
 
     rows = [{"path": str(r.input), "head": r.head_label, "preset": r.preset, "clip": c.index, "start_s": c.start_s,
-             "end_s": c.end_s, "weight": c.weight, "score": c.score, "contribution": c.contribution}
+             "end_s": c.end_s, "weight": c.weight, "score": c.score, "contribution": c.contribution,
+             "effect": c.effect, "predicted_effect": c.predicted_effect, "faithfulness": r.faithfulness}
             for r in results if r.ok for c in r.clips]
-    columns = ["path", "head", "preset", "clip", "start_s", "end_s", "weight", "score", "contribution"]
+    columns = ["path", "head", "preset", "clip", "start_s", "end_s", "weight", "score", "contribution", "effect",
+               "predicted_effect", "faithfulness"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -108,7 +134,8 @@ def write_csv(path: str | Path, frame) -> Path:  # noqa: ANN001 - a pandas.DataF
 
 
 def timeline_png(result: VideoScore, *, width_in: float = 10.0, dpi: int = 100) -> bytes:
-    """A PNG of the clips over time: weight as bars (the heaviest highlighted), score as a line."""
+    """A PNG of the clips over time: above, weight as bars (the heaviest highlighted) and score as a line;
+    below, each clip's measured effect on the score (the clips that move it most highlighted)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
@@ -122,15 +149,23 @@ def timeline_png(result: VideoScore, *, width_in: float = 10.0, dpi: int = 100) 
     low = lowest_scoring(clips)
 
     # A figure object of its own (not pyplot): no global backend switch, nothing kept between calls.
-    fig = Figure(figsize=(width_in, 3.6), dpi=dpi)
+    fig = Figure(figsize=(width_in, 5.8), dpi=dpi)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax, ax_fx = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
     ax.bar(starts, weights, width=widths * 0.95, align="edge",
            color=[TOP_COLOUR if c.index in top else WEIGHT_COLOUR for c in clips])
     ax.set_ylabel("weight")
     ax.set_ylim(0, max(float(weights.max()) * 1.15 if len(weights) else 1.0, 1e-6))
-    ax.set_xlabel("time (mm:ss)")
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: format_time(x)))
+    ax_fx.set_xlabel("time (mm:ss)")
+    ax_fx.xaxis.set_major_formatter(FuncFormatter(lambda x, _: format_time(x)))
+    effects = np.array([c.effect if c.effect is not None else 0.0 for c in clips])
+    moving = {c.index for c in largest_effects(clips, highlight_count(len(clips)))}
+    ax_fx.bar(starts, effects, width=widths * 0.95, align="edge",
+              color=[EFFECT_TOP_COLOUR if c.index in moving else EFFECT_COLOUR for c in clips])
+    ax_fx.axhline(0.0, color="#555555", lw=0.8)
+    ax_fx.set_ylabel("effect on score")
+    faith = (f"faithfulness ρ {result.faithfulness:.2f}" if result.faithfulness is not None else "faithfulness n/a")
+    ax_fx.set_title(f"measured effect of each clip: score − score without it ({faith})", fontsize=9)
     ax2 = ax.twinx()
     ax2.plot(starts + widths / 2, scores, "o-", color=SCORE_COLOUR, lw=1.6, ms=4, label="clip score")
     if low is not None:
@@ -232,7 +267,7 @@ section { border-top: 1px solid #ddd; padding-top: 1rem; margin-top: 1.5rem; }
 figure { margin: 0; width: 200px; } figure img { width: 200px; border-radius: 3px; }
 figcaption { font-size: 0.85rem; color: #333; }
 table { border-collapse: collapse; font-size: 0.9rem; } td, th { padding: 0.2rem 0.6rem; text-align: left; }
-tr:nth-child(even) { background: #f5f5f5; } .failed { color: #b00020; } .note { color: #8a6d3b; }
+tr:nth-child(even) { background: #f5f5f5; } .failed { color: #b00020; } .note { color: #8a6d3b; } .unfaithful { font-weight: 600; }
 """
 
 # Marks every image once the page has loaded: data-rendered="yes" when it decoded to a picture.
@@ -267,6 +302,8 @@ def _video_section(k: int, result: VideoScore, others: Sequence[VideoScore]) -> 
         lines.append("grade probabilities: " + ", ".join(f"{g['value']:.1f}: {100 * g['prob']:.0f}%" for g in grades))
     if lines:
         parts.append("<p>" + "<br>".join(lines) + "</p>")
+    parts.append(f'<p class="{"explained" if result.explanation_faithful else "note unfaithful"}">'
+                 f'{e(explanation_line(result))}.</p>')
     for w in result.warnings:
         parts.append(f'<p class="note">warning: {e(w)}</p>')
     parts.append(f'<img class="timeline" id="timeline-{k}" alt="timeline of clip weights and scores" '
@@ -275,8 +312,10 @@ def _video_section(k: int, result: VideoScore, others: Sequence[VideoScore]) -> 
         rows = "".join(f"<tr><td>{e(o.head_label)}</td><td>{o.score:.2f}</td></tr>" for o in others)
         parts.append(f"<h3>All heads</h3><table><tr><th>head</th><th>score</th></tr>{rows}</table>")
 
-    top = heaviest(result.clips)
-    parts.append(f"<h3>The {len(top)} most heavily weighted clips</h3>")
+    # The clips shown are those that move the score most, measured; the heaviest only where the weights are
+    # faithful, since only then do they say which clips carried the result.
+    top = largest_effects(result.clips) or heaviest(result.clips)
+    parts.append(f"<h3>The {len(top)} clips that move the score most (measured effect)</h3>")
     thumbs: dict[int, bytes] = {}
     reason = None
     if result.video is None:
@@ -295,8 +334,9 @@ def _video_section(k: int, result: VideoScore, others: Sequence[VideoScore]) -> 
     for rank, c in enumerate(top, start=1):
         img = (f'<img class="thumb" alt="middle frame of clip {c.index}" src="{_data_uri(thumbs[c.index], "image/jpeg")}">'
                if c.index in thumbs else "")
-        figures.append(f"<figure>{img}<figcaption>#{rank}: clip {c.index}, {format_range(c)}<br>weight {c.weight:.3f}"
-                       f" · score {c.score:.2f}</figcaption></figure>")
+        effect = f"effect {c.effect:+.2f} · " if c.effect is not None else ""
+        figures.append(f"<figure>{img}<figcaption>#{rank}: clip {c.index}, {format_range(c)}<br>{effect}"
+                       f"weight {c.weight:.3f} · score {c.score:.2f}</figcaption></figure>")
     parts.append(f'<div class="clips">{"".join(figures)}</div></section>')
     return "\n".join(parts)
 

@@ -6,7 +6,12 @@ its sidecar, the feature cache (:mod:`aqa_cli.cache`), or the backbone, which is
 only built when a video misses the cache. Every head then turns the features into
 a :class:`VideoScore`: the total on the target's scale and, per clip, its time
 range, weight w_t and score s_t, with Σ w_t·s_t plus the head's additive terms
-equal to the total.
+equal to the total. Whether w and s say what a clip does to the score is then
+measured, not assumed: each clip's *effect* D_t is the score minus the same
+head's score of the video without that clip (:mod:`aqa_cli.effects`), and the
+video's *faithfulness* is the rank agreement between D and the effects that w
+and s predict. Below :data:`FAITHFUL_RHO` the head's own weights are not shown
+as the reason for the score; the effects are.
 
 A head only reads features made the way its training features were (its
 *contract*: backbone, feature size, recipe); anything else is refused with a
@@ -28,15 +33,20 @@ import torch
 
 from aqa_cli.backbones import PRECISIONS, Backbone, create_backbone, get_backbone_spec, resolve_device
 from aqa_cli.cache import FeatureCache, cache_key
+from aqa_cli.effects import measured_effects
 from aqa_cli.errors import AqaError, FeatureError, VideoError, WeightsError
 from aqa_cli.extract import load_features, make_sidecar, read_sidecar, video_features
 from aqa_cli.fileio import sha256_file
 from aqa_cli.heads import HeadOutput, list_heads
 from aqa_cli.heads.checkpoint import LoadedHead, load_head, shipped_dir
+from aqa_cli.metrics import faithfulness, predicted_effects
 from aqa_cli.presets import Preset, list_presets, load_preset
 
 DEFAULT_PRESET = "fisv-pcs"
 FEATURE_SUFFIX = ".npy"
+# Faithfulness (Spearman ρ between the effects w·s predicts and the measured ones) from which a head's own
+# weights and scores are presented as the reason for its score.
+FAITHFUL_RHO = 0.5
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -49,6 +59,10 @@ class ClipScore:
     end_s: float
     weight: float
     score: float
+    # D_t = S − S(the video without this clip), measured; None for a one-clip video (nothing left to score).
+    effect: float | None = None
+    # D^_t = w_t·(s_t − Σ w·s) / (1 − w_t): what the head's own weight and score say removing the clip would do.
+    predicted_effect: float | None = None
     # Source frames the clip covers (end exclusive), when known: the report decodes its middle frame.
     source_frame_start: int | None = None
     source_frame_end: int | None = None
@@ -59,7 +73,7 @@ class ClipScore:
 
     def to_dict(self) -> dict[str, Any]:
         return {"index": self.index, "start_s": self.start_s, "end_s": self.end_s, "weight": self.weight,
-                "score": self.score}
+                "score": self.score, "effect": self.effect, "predicted_effect": self.predicted_effect}
 
 
 @dataclass
@@ -84,12 +98,19 @@ class VideoScore:
     demonstration: str | None = None
     cv_spearman: float | None = None
     members: int = 1
+    # Spearman ρ(predicted, measured effect) over the clips; None under three clips (no ranking to compare).
+    faithfulness: float | None = None
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def explanation_faithful(self) -> bool:
+        """Whether the head's own weights and scores say what its clips do (faithfulness ≥ FAITHFUL_RHO)."""
+        return self.faithfulness is not None and self.faithfulness >= FAITHFUL_RHO
 
     @property
     def head_label(self) -> str:
@@ -110,6 +131,8 @@ class VideoScore:
             "score": self.score,
             "scale": dict(self.scale),
             "clips": [c.to_dict() for c in self.clips],
+            "faithfulness": self.faithfulness,
+            "explanation_faithful": self.explanation_faithful,
             "additive": dict(self.additive),
             "extras": dict(self.extras),
             "features_source": self.features_source,
@@ -469,15 +492,23 @@ class Scorer:
                                fix=f"the checkpoint looks damaged: re-train or re-download {h.path.name}")
         weights = out.weights[0].double().cpu().numpy()
         clip_scores = out.clip_scores[0].double().cpu().numpy()
+        # What each clip really does: the head again on the video without it (batched passes).
+        t0 = time.perf_counter()
+        measured = measured_effects(h.model, feats.features, device=self.device, score=score)
+        predicted = predicted_effects(weights, clip_scores)
+        rho = faithfulness(predicted, measured)
+        result.timings["effects_s"] = time.perf_counter() - t0
         clips = []
         for t, meta in enumerate(feats.clips):
             clips.append(ClipScore(
                 index=int(meta.get("index", t)), start_s=float(meta["start_s"]), end_s=float(meta["end_s"]),
-                weight=float(weights[t]), score=float(clip_scores[t]),
+                weight=float(weights[t]), score=float(clip_scores[t]), effect=_finite_or_none(measured[t]),
+                predicted_effect=_finite_or_none(predicted[t]),
                 source_frame_start=meta.get("source_frame_start"), source_frame_end=meta.get("source_frame_end")))
         result.status = "ok"
         result.score = score
         result.clips = clips
+        result.faithfulness = _finite_or_none(rho)
         result.additive = {k: float(v[0]) for k, v in out.additive.items()}
         result.extras = summarise_extras(out)
         # What the head itself says about the video besides numbers (the mtl head: action and commentary).
@@ -489,6 +520,10 @@ class Scorer:
         result.features_source = feats.source
         result.video = feats.video
         result.warnings = list(feats.warnings)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
 
 
 def _time_step_runs(runs: list[dict] | None, clips: list[ClipScore], clip_frames: int | None) -> None:
@@ -604,12 +639,14 @@ def head_agreement(results: Sequence[VideoScore]) -> dict[str, Any]:
         scores = np.array([scored[h].score for h in heads if h in scored], dtype=np.float64)
         span = max(next(iter(scored.values())).scale.get("max", 1.0) - next(iter(scored.values())).scale.get("min", 0.0),
                    1e-12)
-        top = {h: max(scored[h].clips, key=lambda c: c.weight).index for h in heads if h in scored and scored[h].clips}
+        # The clip that moves each head's score most (measured), which every head has, faithful or not.
+        top = {h: max(scored[h].clips, key=lambda c: (abs(c.effect or 0.0), -c.index)).index
+               for h in heads if h in scored and scored[h].clips}
         videos.append({"video": video, "scores": {h: scored[h].score for h in heads if h in scored},
                        "mean": float(scores.mean()), "spread": float(scores.max() - scores.min()),
                        "spread_of_scale": float((scores.max() - scores.min()) / span),
-                       "std": float(scores.std()), "heaviest_clip": top,
-                       "heaviest_clip_agrees": len(set(top.values())) <= 1})
+                       "std": float(scores.std()), "top_effect_clip": top,
+                       "top_effect_clip_agrees": len(set(top.values())) <= 1})
     pairs = []
     complete = [v for v in by_video.values() if all(h in v for h in heads)]
     if len(complete) >= 3:

@@ -42,6 +42,15 @@ class TrainSettings:
     schedule: str = "cosine"  # cosine (to lr × lr_min_factor) or constant
     lr_min_factor: float = 0.01
     crop: int = 124  # consecutive clips per training crop; 0 = whole sequences
+    # > 0: each batch's crop length is drawn from [crop_min, crop] (test videos run longer than the crop: Fis-V
+    # trains on 124 clips and tests on up to 302).
+    crop_min: int = 0
+    # > 0: the model is the exponential moving average of the weights (and BatchNorm statistics), this decay
+    # per optimiser step; the weights a run ends with are then smoothed over its last ~1/(1 − ema) steps.
+    ema: float = 0.0
+    # Seeds trained per model and shipped as one ensemble (HeadEnsemble): fold models of a cross-validation
+    # are such ensembles too, so its figures describe what ships.
+    members: int = 1
     eval_every: int = 10  # epochs between held-out evaluations during cross-validation (logged, never used to pick)
 
     @classmethod
@@ -69,8 +78,12 @@ class CVResult:
     heads: list[Head]
     histories: list[list[dict[str, float]]]
     seconds: float
-    assignment: np.ndarray  # fold index per video
+    assignment: np.ndarray  # fold index per video (repeat 0)
     oof_report: dict[str, float] = field(default_factory=dict)
+    repeats: int = 1
+    repeat_oof_rhos: list[float] = field(default_factory=list)  # each repeat's out-of-fold ρ
+    # Faithfulness (mean over held-out videos of ρ(D^, D)) and deletion area of the fold models' explanations.
+    explanation: dict[str, Any] = field(default_factory=dict)
 
     @property
     def mean_rho(self) -> float:
@@ -80,10 +93,20 @@ class CVResult:
     def std_rho(self) -> float:
         return float(np.std(self.fold_rhos, ddof=1)) if len(self.fold_rhos) > 1 else 0.0
 
+    @property
+    def se_rho(self) -> float:
+        """Standard error of the mean fold ρ over all repeats × folds (folds share videos, so it is a floor)."""
+        return self.std_rho / math.sqrt(len(self.fold_rhos)) if len(self.fold_rhos) > 1 else 0.0
+
     def summary(self) -> dict[str, Any]:
-        return {"folds": self.folds, "fold_spearman": self.fold_rhos, "fold_sizes": self.fold_sizes,
-                "mean_spearman": self.mean_rho, "std_spearman": self.std_rho, "oof": self.oof_report,
-                "seconds": self.seconds}
+        out = {"folds": self.folds, "fold_spearman": self.fold_rhos, "fold_sizes": self.fold_sizes,
+               "mean_spearman": self.mean_rho, "std_spearman": self.std_rho, "oof": self.oof_report,
+               "seconds": self.seconds}
+        if self.repeats > 1:
+            out.update(repeats=self.repeats, se_spearman=self.se_rho, repeat_oof_spearman=self.repeat_oof_rhos)
+        if self.explanation:
+            out["explanation"] = self.explanation
+        return out
 
 
 def set_seed(seed: int) -> None:
@@ -91,8 +114,12 @@ def set_seed(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def _batch(features: list[np.ndarray], crop: int, rng: np.random.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crop (random start when ``rng`` is given) or pad to a common length, with the real-clip mask."""
+def _batch(features: list[np.ndarray], crop: int, rng: np.random.Generator | None,
+           crop_min: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop (random start when ``rng`` is given; a random length in [crop_min, crop] with ``crop_min``) or pad
+    to a common length, with the real-clip mask."""
+    if crop and crop_min and rng is not None:
+        crop = int(rng.integers(min(crop_min, crop), crop + 1))
     pieces = []
     for f in features:
         if crop and len(f) > crop:
@@ -157,6 +184,30 @@ def _lr_at(epoch: int, s: TrainSettings) -> float:
     return lo + 0.5 * (s.lr - lo) * (1 + math.cos(math.pi * epoch / max(s.epochs, 1)))
 
 
+MEMBER_SEED_STRIDE = 7919  # member j of a model is trained with seed + j × this (j = 0: the model's own seed)
+
+
+def fit_model(head_name: str, config: HeadConfig | dict, data: FeatureSet, settings: TrainSettings, *,
+              seed: int = 0, device: str | torch.device = "cpu", val: FeatureSet | None = None,
+              fold: int | None = None, on_epoch: EpochCallback | None = None) -> tuple[list[Head], FitResult]:
+    """``settings.members`` heads from seeds seed, seed + 7919, …: the members of one model (with the first
+    member's FitResult, its time covering them all)."""
+    members, first = [], None
+    start = time.perf_counter()
+    for j in range(max(1, settings.members)):
+        res = fit(head_name, config, data, settings, seed=seed + j * MEMBER_SEED_STRIDE, device=device,
+                  val=val if j == 0 else None, fold=fold, on_epoch=on_epoch)
+        members.append(res.head)
+        first = first or res
+    first.seconds = time.perf_counter() - start
+    return members, first
+
+
+def as_model(members: list[Head]) -> torch.nn.Module:
+    """One head as itself, several as their ensemble."""
+    return members[0] if len(members) == 1 else _ensemble(members)
+
+
 def fit(head_name: str, config: HeadConfig | dict, data: FeatureSet, settings: TrainSettings, *, seed: int = 0,
         device: str | torch.device = "cpu", val: FeatureSet | None = None, fold: int | None = None,
         on_epoch: EpochCallback | None = None) -> FitResult:
@@ -178,6 +229,11 @@ def fit(head_name: str, config: HeadConfig | dict, data: FeatureSet, settings: T
         aux = {k: v.to(device) for k, v in aux.items()}
     rng = np.random.default_rng(seed)
     opt = _optimizer(head.parameters(), settings)
+    averaged = None
+    if settings.ema > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        averaged = AveragedModel(head, multi_avg_fn=get_ema_multi_avg_fn(settings.ema), use_buffers=True)
     targets = torch.as_tensor(data.targets, dtype=torch.float32)
     history: list[dict[str, float]] = []
     start = time.perf_counter()
@@ -192,7 +248,7 @@ def fit(head_name: str, config: HeadConfig | dict, data: FeatureSet, settings: T
             idx = order[i:i + settings.batch_size]
             if len(idx) < 2 and len(order) > 1:
                 continue  # BatchNorm needs two samples; a lone leftover video is seen again next epoch
-            x, mask = _batch([data.features[j] for j in idx], settings.crop, rng)
+            x, mask = _batch([data.features[j] for j in idx], settings.crop, rng, settings.crop_min)
             if aux is None:
                 out = head(x.to(device), mask.to(device))
                 loss, parts = head.loss(out, targets[idx].to(device))
@@ -205,6 +261,8 @@ def fit(head_name: str, config: HeadConfig | dict, data: FeatureSet, settings: T
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if averaged is not None:
+                averaged.update_parameters(head)
             for k, v in {"loss": float(loss.detach()), **parts}.items():
                 sums[k] = sums.get(k, 0.0) + v * len(idx)
             seen += len(idx)
@@ -213,10 +271,13 @@ def fit(head_name: str, config: HeadConfig | dict, data: FeatureSet, settings: T
         record["lr"] = _lr_at(epoch, settings)
         last = epoch + 1 == settings.epochs
         if val is not None and (last or (settings.eval_every and (epoch + 1) % settings.eval_every == 0)):
-            record["val_spearman"] = spearman(predict_set(head, val, device=device), val.targets)
+            model = averaged.module if averaged is not None else head
+            record["val_spearman"] = spearman(predict_set(model, val, device=device), val.targets)
         history.append(record)
         if on_epoch is not None:
             on_epoch(fold, epoch + 1, {**record, "of": settings.epochs})
+    if averaged is not None:
+        head.load_state_dict(averaged.module.state_dict())
     head.eval()
     return FitResult(head=head, history=history, seconds=time.perf_counter() - start)
 
@@ -237,29 +298,58 @@ def fold_assignment(targets: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return assign
 
 
+REPEAT_SEED_STRIDE = 1009  # repeat r of a cross-validation draws its folds (and fold seeds) from seed + r × this
+
+
 def cross_validate(head_name: str, config: HeadConfig | dict, data: FeatureSet, settings: TrainSettings, *,
-                   folds: int = 5, seed: int = 0, device: str | torch.device = "cpu",
-                   on_epoch: EpochCallback | None = None) -> CVResult:
-    """K-fold cross-validation inside ``data``; fold k's model is trained with seed + k."""
-    assign = fold_assignment(data.targets, folds, seed)
+                   folds: int = 5, seed: int = 0, device: str | torch.device = "cpu", repeats: int = 1,
+                   explain: bool = True, on_epoch: EpochCallback | None = None) -> CVResult:
+    """K-fold cross-validation inside ``data``, repeated ``repeats`` times over fresh fold draws.
+
+    Repeat r draws its folds with seed s_r = seed + 1009·r and trains fold k's model with s_r + k, so repeat 0
+    is the plain K-fold run. ``explain`` also measures each fold model's explanations on its held-out videos
+    (:func:`aqa_cli.effects.explanation_report`). The out-of-fold predictions and the models are repeat 0's."""
+    from aqa_cli.effects import explanation_report
+
+    if isinstance(config, dict):
+        config = config_for(head_name, config)
     start = time.perf_counter()
+    rhos, sizes, heads, histories, repeat_rhos, explained = [], [], [], [], [], []
     oof = np.empty(len(data), dtype=np.float64)
-    rhos, sizes, heads, histories = [], [], [], []
-    for k in range(folds):
-        train_idx = np.flatnonzero(assign != k)
-        val_idx = np.flatnonzero(assign == k)
-        val = data.subset(val_idx)
-        res = fit(head_name, config, data.subset(train_idx), settings, seed=seed + k, device=device, val=val,
-                  fold=k, on_epoch=on_epoch)
-        pred = predict_set(res.head, val, device=device)
-        oof[val_idx] = pred
-        rhos.append(spearman(pred, val.targets))
-        sizes.append(len(val_idx))
-        heads.append(res.head)
-        histories.append(res.history)
+    assign0 = None
+    for r in range(max(1, repeats)):
+        s_r = seed + r * REPEAT_SEED_STRIDE
+        assign = fold_assignment(data.targets, folds, s_r)
+        oof_r = np.empty(len(data), dtype=np.float64)
+        for k in range(folds):
+            train_idx = np.flatnonzero(assign != k)
+            val_idx = np.flatnonzero(assign == k)
+            val = data.subset(val_idx)
+            members, res = fit_model(head_name, config, data.subset(train_idx), settings, seed=s_r + k,
+                                     device=device, val=val, fold=k, on_epoch=on_epoch)
+            model = as_model(members)
+            pred = predict_set(model, val, device=device)
+            oof_r[val_idx] = pred
+            rhos.append(spearman(pred, val.targets))
+            sizes.append(len(val_idx))
+            if explain:
+                explained.append(explanation_report(model, val.features, config.score_span, device=device))
+            if r == 0:
+                heads.extend(members)  # flat: `--final folds` ships every fold's members as one ensemble
+                histories.append(res.history)
+        repeat_rhos.append(spearman(oof_r, data.targets))
+        if r == 0:
+            oof, assign0 = oof_r, assign
     result = CVResult(folds=folds, fold_rhos=rhos, fold_sizes=sizes, oof_predictions=oof, heads=heads,
-                      histories=histories, seconds=time.perf_counter() - start, assignment=assign)
+                      histories=histories, seconds=time.perf_counter() - start, assignment=assign0,
+                      repeats=max(1, repeats), repeat_oof_rhos=repeat_rhos)
     result.oof_report = report(oof, data.targets)
+    if explained:
+        weights = np.array([e["n"] for e in explained], dtype=np.float64)
+        result.explanation = {
+            key: float(np.average([e[key] for e in explained], weights=weights))
+            for key in ("faithfulness", "deletion_area")}
+        result.explanation["fold_faithfulness"] = [e["faithfulness"] for e in explained]
     return result
 
 
@@ -280,6 +370,7 @@ class TrainJob:
     epochs: int | None = None
     seed: int = 0
     folds: int = 0
+    repeats: int = 1  # repeated K-fold: the cross-validation is run this many times over fresh fold draws
     final: str = "all"  # "all": one model trained on every video; "folds": the fold models as an ensemble
     device: str = "cpu"
     half: bool = False  # store float16 tensors (half the size; scores change by < 1e-3 points)
@@ -334,12 +425,12 @@ def run_train_job(job: TrainJob, *, on_epoch: EpochCallback | None = None,
         if job.final != "all":
             raise AqaError("--cv-from reuses the figures of a cross-validation, not its models",
                            fix="use it with --final all, or drop it to train the fold models again")
-        log.update(reused_cv(job.cv_from, log, job.folds))
+        log.update(reused_cv(job.cv_from, log, job.folds, job.repeats))
     elif job.folds >= 2:
         if on_stage:
             on_stage("cross-validation", 0, stages)
         cv = cross_validate(job.head, config, data, settings, folds=job.folds, seed=job.seed, device=job.device,
-                            on_epoch=on_epoch)
+                            repeats=job.repeats, on_epoch=on_epoch)
         log["cv"] = cv.summary()
         log["cv_histories"] = cv.histories
         # Out-of-fold predictions by video, so runs sharing the folds (same seed and data) can be compared and
@@ -348,12 +439,13 @@ def run_train_job(job: TrainJob, *, on_epoch: EpochCallback | None = None,
     if job.final == "all":
         if on_stage:
             on_stage("final model on all videos", stages - 1, stages)
-        res = fit(job.head, config, data, settings, seed=job.seed, device=job.device, on_epoch=on_epoch)
-        members, seconds, history = [res.head], res.seconds, res.history
+        members, res = fit_model(job.head, config, data, settings, seed=job.seed, device=job.device,
+                                 on_epoch=on_epoch)
+        seconds, history = res.seconds, res.history
         log["history"] = history
     else:
         members, seconds = cv.heads, cv.seconds
-    train_pred = predict_set(members[0] if len(members) == 1 else _ensemble(members), data, device=job.device)
+    train_pred = predict_set(as_model(members), data, device=job.device)
     log["train_fit"] = report(train_pred, data.targets)  # in-sample: a sanity check, not an estimate
     log["train_seconds"] = seconds
     log["total_seconds"] = seconds + (log["cv"]["seconds"] if "cv" in log and job.final == "all" else 0.0)
@@ -373,7 +465,7 @@ def run_train_job(job: TrainJob, *, on_epoch: EpochCallback | None = None,
     return log
 
 
-def reused_cv(path: str, log: dict[str, Any], folds: int) -> dict[str, Any]:
+def reused_cv(path: str, log: dict[str, Any], folds: int, repeats: int = 1) -> dict[str, Any]:
     """The cross-validation entries of an earlier log, after checking it ran this very job: same head,
     target, data (sha256), seed, settings, config and fold count. Anything else is refused by name."""
     from pathlib import Path
@@ -385,8 +477,12 @@ def reused_cv(path: str, log: dict[str, Any], folds: int) -> dict[str, Any]:
                        fix="give the .log.json written beside an `aqa train --folds K` checkpoint") from None
     if "cv" not in earlier:
         raise AqaError("this training log has no cross-validation", path=path, fix="give a log of a --folds K run")
-    keys = ("head", "target", "data_sha256", "seed", "train_settings")
+    keys = ("head", "target", "data_sha256", "seed")
     differ = [k for k in keys if earlier.get(k) != log[k]]
+    # Training settings added after the earlier run count as equal when they hold their defaults.
+    settings_then = {**dataclasses.asdict(TrainSettings()), **earlier.get("train_settings", {})}
+    if settings_then != log["train_settings"]:
+        differ.append("train_settings")
     # A setting added to the head after the earlier run counts as equal when it holds its default, which is
     # what that run had.
     defaults = json.loads(head_class(log["head"]).config_class().to_json()) if earlier.get("head") == log["head"] else {}
@@ -394,6 +490,8 @@ def reused_cv(path: str, log: dict[str, Any], folds: int) -> dict[str, Any]:
     differ += [f"config.{k}" for k in sorted(set(then) | set(log["config"])) if then.get(k) != log["config"].get(k)]
     if earlier["cv"].get("folds") != folds:
         differ.append(f"folds ({earlier['cv'].get('folds')} there, {folds} here)")
+    if earlier["cv"].get("repeats", 1) != repeats:
+        differ.append(f"repeats ({earlier['cv'].get('repeats', 1)} there, {repeats} here)")
     if differ:
         raise AqaError(f"the earlier run differs from this one in {', '.join(differ)}", path=path,
                        fix="repeat its settings exactly, or drop --cv-from to cross-validate again")

@@ -53,7 +53,10 @@ def command(log: dict) -> str:
     args = ["aqa", "train", "--features", log["features"], "--labels", log["labels"], "--target", log["target"], "--head", log["head"]]
     if log.get("preset"):
         args += ["--preset", log["preset"]]
-    args += ["--epochs", str(t["epochs"]), "--folds", str(log.get("cv", {}).get("folds", 0)), "--seed", str(log["seed"])]
+    args += ["--epochs", str(t["epochs"]), "--folds", str(log.get("cv", {}).get("folds", 0))]
+    if log.get("cv", {}).get("repeats", 1) > 1:
+        args += ["--repeats", str(log["cv"]["repeats"])]
+    args += ["--seed", str(log["seed"])]
     args += [f"--set {k}={json.dumps(v)}" for k, v in overrides(log).items()]
     if meta.get("final") == "folds":
         args += ["--final", "folds"]
@@ -70,21 +73,29 @@ def main(argv: list[str] | None = None) -> int:
     FOLDER = Path(argv[0]) if argv else REPO / "weights"
     pattern = argv[1] if len(argv) > 1 else "*"
     logs = sorted(FOLDER.glob(f"{pattern}.log.json"))
-    print("| file | head | target | CV folds | CV ρ per fold | CV ρ mean ± std | out-of-fold ρ / R-ℓ2×100 / MAE "
-          "| members | MB | training time |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| file | head | target | CV folds | CV ρ per fold | CV ρ mean ± std (± s.e.) | out-of-fold ρ / R-ℓ2×100 / MAE "
+          "| faithfulness (held out) | members | MB | training time |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for path in logs:
         log = json.loads(path.read_text())
         cv = log.get("cv", {})
         ck = FOLDER / Path(log["checkpoint"]).name
         size = ck.stat().st_size / 1e6 if ck.is_file() else float("nan")
         members = int(checkpoint_meta(log).get("members", 1))
-        folds = " ".join(f"{r:.3f}" for r in cv.get("fold_spearman", []))
+        repeats = cv.get("repeats", 1)
+        per_fold = cv.get("fold_spearman", [])
+        # Repeated K-fold: the folds of each repeat, one group per repeat.
+        folds = "; ".join(" ".join(f"{r:.3f}" for r in per_fold[i:i + cv.get("folds", 5)])
+                          for i in range(0, len(per_fold), cv.get("folds", 5)))
+        what = f"{repeats} × {cv.get('folds', '-')}" if repeats > 1 else str(cv.get("folds", "-"))
+        se = f" (± {cv['se_spearman']:.3f})" if "se_spearman" in cv else ""
+        faith = cv.get("explanation", {}).get("faithfulness")
         oof = cv.get("oof", {})
-        print(f"| `{ck.name}` | {log['head']} | {log['target']} | {cv.get('folds', '-')} | {folds} | "
-              f"{cv.get('mean_spearman', float('nan')):.3f} ± {cv.get('std_spearman', float('nan')):.3f} | "
+        print(f"| `{ck.name}` | {log['head']} | {log['target']} | {what} | {folds} | "
+              f"{cv.get('mean_spearman', float('nan')):.3f} ± {cv.get('std_spearman', float('nan')):.3f}{se} | "
               f"{oof.get('spearman', float('nan')):.3f} / {oof.get('rl2_x100', float('nan')):.2f} / "
-              f"{oof.get('mae', float('nan')):.2f} | {members} | {size:.1f} | "
+              f"{oof.get('mae', float('nan')):.2f} | {f'{faith:.3f}' if faith is not None else 'not measured'} | "
+              f"{members} | {size:.1f} | "
               f"{log['total_seconds'] / 60:.1f} min ({log.get('torch_threads', '?')} thread) |")
     print()
     for path in logs:

@@ -18,6 +18,7 @@ SMALL = {
     "cofinal": {"in_dim": 16, "hidden_dim": 16, "n_subgrades": 8, "fine_heads": 4, "dropout": 0.0,
                 "score_min": 0.0, "score_max": 20.0},
     "interp": {"in_dim": 16, "hidden_dim": 16, "dropout": 0.0, "score_min": 0.0, "score_max": 20.0},
+    "additive": {"in_dim": 16, "hidden_dim": 16, "dropout": 0.0, "score_min": 0.0, "score_max": 20.0},
 }
 
 
@@ -36,8 +37,8 @@ def batch(lengths: list[int], dim: int = 16, seed: int = 0) -> tuple[torch.Tenso
     return x, mask
 
 
-def test_registry_lists_the_three_heads():
-    assert set(list_heads()) >= {"gdlt", "cofinal", "interp"}
+def test_registry_lists_the_heads():
+    assert set(list_heads()) >= {"gdlt", "cofinal", "interp", "additive"}
     assert set(SMALL) <= set(list_heads())
 
 
@@ -114,6 +115,9 @@ NOT_LOCALISED = pytest.mark.xfail(strict=True, reason="per-clip scores do not (y
     pytest.param("interp", {}, marks=NOT_LOCALISED),
     # Query t reads clip t alone (local_window 0): its weight and score are that clip's.
     pytest.param("interp", {"local_window": 0}, id="interp-local"),
+    # The clip-additive head, as shipped for Fis-V (each clip alone) and with ±2 clips of context.
+    pytest.param("additive", {"dropout": 0.5}, id="additive-shipped"),
+    pytest.param("additive", {"context": 2}, id="additive-context2"),
 ])
 def test_planted_penalty_lands_in_its_clip(name, extra):
     """One clip carries the penalty; after training, that clip's own score must be the video's lowest."""
@@ -137,7 +141,9 @@ def test_planted_penalty_lands_in_its_clip(name, extra):
     falls = np.flatnonzero(fall_t >= 0)
     lowest = out.clip_scores.numpy()[falls].argmin(axis=1)
     hit_rate = float(np.mean(lowest == fall_t[falls]))
-    assert hit_rate >= 0.8, f"the fall clip had the lowest clip score in only {hit_rate:.0%} of falls"
+    # The shipped configurations must put the penalty in its own clip in at least 90% of falls.
+    need = 0.9 if name == "additive" else 0.8
+    assert hit_rate >= need, f"the fall clip had the lowest clip score in only {hit_rate:.0%} of falls"
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))

@@ -211,7 +211,12 @@ def test_score_the_sample_end_to_end(env, i3d, tmp_path):
     assert "/ 40 points" in text and "Total:" in text
     for row in ("00:00–00:01", "00:01–00:03", "00:05–00:06"):
         assert row in text
-    assert "★ heaviest" in text and "▼ lowest score" in text
+    assert "◆ top effect" in text and "effect = score − the same head's score without that clip" in text
+    # The head's own reasons are shown as reasons only where its explanation is faithful for this video.
+    if "are faithful here" in text:
+        assert "★ heaviest" in text and "▼ lowest score" in text
+    else:
+        assert "do NOT say what each clip does" in text and "★ heaviest" not in text
     assert "Traceback" not in res.stderr
 
     scores = pd.read_csv(out / "scores.csv")

@@ -18,7 +18,7 @@ they read), ``prepare_config`` (complete the config from the training data, e.g.
 vocabulary) and ``encode_labels`` (those columns as tensors, handed to ``loss``).
 ``describe`` turns their extras into plain data for ``aqa score``.
 
-One module per head (``gdlt.py``, ``cofinal.py``, ``interp.py``, ``mtl.py``, ``pose.py``), each with a
+One module per head (``gdlt.py``, ``cofinal.py``, ``interp.py``, ``mtl.py``, ``pose.py``, ``additive.py``), each with a
 config dataclass derived from :class:`HeadConfig` and a model derived from
 :class:`Head`; ``create_head`` and ``list_heads`` form the registry.
 """
@@ -188,9 +188,10 @@ def attention_decomposition(grade_probs: Tensor, attention: Tensor, grade_values
 # ------------------------------------------------------------------------------------------------- registry
 
 def _registry() -> dict[str, type[Head]]:
-    from aqa_cli.heads import cofinal, gdlt, interp, mtl, pose
+    from aqa_cli.heads import additive, cofinal, gdlt, interp, mtl, pose
 
-    return {cls.name: cls for cls in (gdlt.GDLT, cofinal.CoFInAl, interp.InterpHead, mtl.MTLHead, pose.PoseHead)}
+    return {cls.name: cls for cls in (gdlt.GDLT, cofinal.CoFInAl, interp.InterpHead, mtl.MTLHead, pose.PoseHead,
+                                      additive.AdditiveHead)}
 
 
 def list_heads() -> list[str]:

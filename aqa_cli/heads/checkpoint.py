@@ -66,7 +66,7 @@ class HeadEnsemble(nn.Module):
         for key in outs[0].extras:
             if key.startswith("probs.") and all(key in o.extras for o in outs):
                 extras[key] = torch.stack([o.extras[key] for o in outs]).mean(0)
-            elif key == "step_probs" and all(key in o.extras for o in outs):
+            elif key in ("step_probs", "aux") and all(key in o.extras for o in outs):
                 extras[key] = torch.stack([o.extras[key] for o in outs]).mean(0)
             elif key in ("caption_tokens", "body_linear", "execution_scale", "mask"):
                 extras[key] = outs[0].extras[key]

@@ -1,0 +1,182 @@
+"""The clip-additive head: a score that is a sum over clips, so that its per-clip reasons are true.
+
+Why this head exists. The papers' heads (GDLT, CoFInAl, interp) mix clips before
+they score: an encoder or decoder lets every clip read every other one. Their
+per-clip weights w_t and scores s_t still add up to the score, but they need not
+say what clip t does to it: removing the clip a head weighs most may barely move
+the score, and the real Fis-V heads' w·s ranks clips no better than chance
+against the measured effect of removing them (faithfulness ≈ 0, see
+``aqa_cli.effects``). On Fis-V that mixing buys no accuracy either: a linear
+probe on mean-pooled features is as accurate held out.
+
+So here clip t's weight and score are computed from clip t alone, or from a
+bounded context of ±``context`` clips:
+
+    h_t = GELU(W_in · standardise(x_t))            (then, with context k > 0,
+    h_t ← h_t + DepthwiseConv_{2k+1}(h)_t          ±k clips of context)
+    w_t = softmax_t(a · h_t),  s_t = min + span · sigmoid(b · h_t)
+    S   = Σ_t w_t · s_t
+
+With ``context = 0`` removing clip t leaves every other clip's logit and score
+unchanged and only renormalises the softmax, so the score without clip t is
+(S − w_t s_t) / (1 − w_t) exactly: the predicted effect w_t (s_t − S) / (1 − w_t)
+*is* the effect, and faithfulness is 1 by construction. With context k > 0 only
+the 2k neighbours of the removed clip change, so the explanation stays close to
+true (measured, not assumed: ``aqa evaluate`` reports it).
+
+Auxiliary targets (``aux_targets``: label columns such as PCS while learning TES,
+or the deductions) share the trunk and the clip weights and are predicted as
+Σ_t w_t · s^aux_t. They regularise the trunk; the reported score and its
+explanation are the main target's alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from aqa_cli.errors import AqaError
+from aqa_cli.heads import Head, HeadConfig, HeadOutput, check_inputs
+
+
+@dataclass
+class AdditiveConfig(HeadConfig):
+    hidden_dim: int = 256
+    # Clips of context on each side (depthwise convolution over time); 0 = each clip alone, exactly faithful.
+    context: int = 0
+    dropout: float = 0.5  # on the hidden clip embeddings
+    # Channels of the standardised features dropped per video (the same channels for all of its clips): a
+    # regulariser against leaning on a few of the 1024 channels, and ~50× cheaper on a CPU than element-wise
+    # dropout over every clip's 1024 inputs (which took half of a training step).
+    input_dropout: float = 0.0
+    # Label columns learnt beside the target, through the same clip weights (joint TES + PCS, deductions).
+    aux_targets: list[str] = field(default_factory=list)
+    aux_weight: float = 0.5
+    # Each auxiliary column's mean and std in the training labels (filled by prepare_config): its loss is on
+    # the standardised value, so columns of any range weigh alike.
+    aux_mean: list[float] = field(default_factory=list)
+    aux_std: list[float] = field(default_factory=list)
+    mse_weight: float = 1.0
+
+
+class AdditiveHead(Head):
+    name = "additive"
+    config_class = AdditiveConfig
+
+    def __init__(self, config: AdditiveConfig):
+        super().__init__(config)
+        c = config
+        if c.context < 0:
+            raise ValueError(f"context must be ≥ 0, not {c.context}")
+        if len(c.aux_mean) != len(c.aux_targets) or len(c.aux_std) != len(c.aux_targets):
+            raise ValueError("aux_mean and aux_std need one value per auxiliary target (prepare_config fills them)")
+        # Per-channel standardisation over real clips (running statistics at inference: still one clip at a time).
+        self.in_norm = nn.BatchNorm1d(c.in_dim, affine=False)
+        self.proj = nn.Linear(c.in_dim, c.hidden_dim)
+        self.context_conv = (nn.Conv1d(c.hidden_dim, c.hidden_dim, 2 * c.context + 1, padding=c.context,
+                                       groups=c.hidden_dim) if c.context else None)
+        if self.context_conv is not None:
+            nn.init.zeros_(self.context_conv.weight)  # starts as "each clip alone"; context is learnt on top
+            nn.init.zeros_(self.context_conv.bias)
+        self.out_drop = nn.Dropout(c.dropout)
+        self.weight_out = nn.Linear(c.hidden_dim, 1)
+        self.score_out = nn.Linear(c.hidden_dim, 1)
+        self.aux_out = nn.Linear(c.hidden_dim, len(c.aux_targets)) if c.aux_targets else None
+
+    # -- labels: the auxiliary columns
+
+    @classmethod
+    def label_columns(cls, config: AdditiveConfig) -> list[str]:
+        return list(config.aux_targets)
+
+    @classmethod
+    def _aux_values(cls, config: AdditiveConfig, data) -> np.ndarray:  # noqa: ANN001 - a FeatureSet
+        """The auxiliary columns as floats [videos, n_aux], refusing a missing column or a non-number by name."""
+        lower = {c.lower(): c for c in data.aux}
+        cols = []
+        for name in config.aux_targets:
+            col = lower.get(name.lower())
+            if col is None:
+                raise AqaError(f"auxiliary target {name!r} is not a column of the labels", path=data.labels_path,
+                               fix=f"columns there: {', '.join(data.aux) or 'none'}; or drop it from aux_targets")
+            try:
+                values = np.array([float(v) for v in data.aux[col]], dtype=np.float64)
+            except ValueError:
+                raise AqaError(f"auxiliary target {col!r} holds a value that is not a number", path=data.labels_path,
+                               fix="give numbers in every row of that column") from None
+            if not np.isfinite(values).all():
+                raise AqaError(f"auxiliary target {col!r} holds NaN or inf", path=data.labels_path,
+                               fix="give finite numbers in every row of that column")
+            cols.append(values)
+        return np.stack(cols, axis=1) if cols else np.zeros((len(data), 0))
+
+    @classmethod
+    def prepare_config(cls, config: AdditiveConfig, data) -> AdditiveConfig:  # noqa: ANN001 - a FeatureSet
+        if not config.aux_targets:
+            return config
+        values = cls._aux_values(config, data)
+        if config.aux_mean and config.aux_std:
+            return config  # completed already (fold models share the statistics of all videos)
+        import dataclasses
+
+        std = values.std(axis=0)
+        return dataclasses.replace(config, aux_mean=[float(v) for v in values.mean(axis=0)],
+                                   aux_std=[float(s) if s > 0 else 1.0 for s in std])
+
+    def encode_labels(self, data) -> dict[str, Tensor] | None:  # noqa: ANN001 - a FeatureSet
+        if not self.config.aux_targets:
+            return None
+        values = self._aux_values(self.config, data)
+        mean, std = np.asarray(self.config.aux_mean), np.asarray(self.config.aux_std)
+        return {"aux": torch.as_tensor((values - mean) / std, dtype=torch.float32)}
+
+    # -- model
+
+    def forward(self, features: Tensor, mask: Tensor | None = None) -> HeadOutput:
+        """Features [B, T, D] with padding at the end (as every batch here is built) → HeadOutput."""
+        mask = check_inputs(features, mask, self.config.in_dim)
+        real = mask.unsqueeze(-1)
+        # Only real clips enter the BatchNorm statistics; padding is zeroed (not multiplied), so nothing leaks.
+        z = features.new_zeros(features.shape)
+        z[mask] = self.in_norm(features[mask])
+        if self.training and self.config.input_dropout > 0:
+            keep = 1.0 - self.config.input_dropout
+            z = z * (torch.rand(features.shape[0], 1, features.shape[2], device=z.device) < keep) / keep
+        h = torch.where(real, F.gelu(self.proj(z)), z.new_zeros(()))
+        if self.context_conv is not None:
+            # Padding is zero context, as the video's edges are: a video scores the same alone or padded.
+            h = h + self.context_conv(h.transpose(1, 2)).transpose(1, 2)
+            h = torch.where(real, h, torch.zeros_like(h))
+        h = self.out_drop(h)
+        logits = self.weight_out(h).squeeze(-1).masked_fill(~mask, float("-inf"))
+        weights = torch.softmax(logits, dim=1)
+        units = torch.sigmoid(self.score_out(h).squeeze(-1))
+        clip_scores = self.denormalise(units) * mask
+        score = (weights * clip_scores).sum(dim=1)
+        extras: dict[str, Tensor] = {}
+        if self.aux_out is not None:
+            extras["aux"] = (weights.unsqueeze(-1) * self.aux_out(h)).sum(dim=1)  # standardised, [B, n_aux]
+        return HeadOutput(score=score, weights=weights, clip_scores=clip_scores, extras=extras)
+
+    def loss(self, out: HeadOutput, target: Tensor, labels: dict[str, Tensor] | None = None
+             ) -> tuple[Tensor, dict[str, float]]:
+        mse = F.mse_loss(self.normalise(out.score), self.normalise(target))
+        total = self.config.mse_weight * mse
+        parts = {"mse": float(mse.detach())}
+        if self.aux_out is not None and labels is not None:
+            aux = F.mse_loss(out.extras["aux"], labels["aux"])
+            total = total + self.config.aux_weight * aux
+            parts["aux_mse"] = float(aux.detach())
+        return total, parts
+
+    def describe(self, out: HeadOutput, index: int = 0) -> dict:
+        """The auxiliary predictions on their own scales (e.g. the PCS a TES head learnt beside it)."""
+        if "aux" not in out.extras:
+            return {}
+        z = out.extras["aux"][index].double().cpu().numpy()
+        values = z * np.asarray(self.config.aux_std) + np.asarray(self.config.aux_mean)
+        return {"auxiliary": {name: float(v) for name, v in zip(self.config.aux_targets, values)}}

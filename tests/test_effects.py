@@ -1,0 +1,177 @@
+"""Explanations are claims, and these tests can catch a false one.
+
+The metric (predicted against measured clip effects) has a positive control, a head that is additive by
+construction (faithfulness 1), and a negative control, the same head with its explanation shuffled across
+clips (faithfulness about 0). The measured effects ``aqa score`` reports are checked against an independent
+recomputation, one clip removed at a time.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from aqa_cli import effects
+from aqa_cli.effects import clip_effects, deletion_area, explanation_report, measured_effects
+from aqa_cli.heads import HeadOutput, create_head
+from aqa_cli.heads.checkpoint import load_head, save_head
+from aqa_cli.metrics import faithfulness, predicted_effects
+from conftest import CROSS_INSTANCE, run_aqa
+
+DIM = 16
+
+
+def additive_head(context: int = 0, seed: int = 0):
+    torch.manual_seed(seed)
+    head = create_head("additive", {"in_dim": DIM, "hidden_dim": 12, "context": context, "dropout": 0.0,
+                                    "score_min": 0.0, "score_max": 20.0})
+    with torch.no_grad():  # untrained heads have near-uniform weights: spread them so effects differ
+        head.weight_out.weight.mul_(8.0)
+        head.score_out.weight.mul_(4.0)
+        if context:
+            head.context_conv.weight.normal_(0.0, 0.3)
+    return head.eval()
+
+
+def videos(n: int = 12, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(int(rng.integers(8, 30)), DIM)).astype(np.float32) for _ in range(n)]
+
+
+class ShuffledExplanation(torch.nn.Module):
+    """The same scores, with each video's weights and clip scores permuted across its clips: an explanation
+    that still adds up to the score but says nothing about which clip does what."""
+
+    def __init__(self, head: torch.nn.Module, seed: int = 0):
+        super().__init__()
+        self.head = head
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> HeadOutput:
+        out = self.head(x, mask)
+        if x.shape[0] != 1:  # only the explanation of the whole video is shuffled; scores stay the head's
+            return out
+        perm = torch.randperm(x.shape[1], generator=self.gen)
+        return HeadOutput(score=out.score, weights=out.weights[:, perm], clip_scores=out.clip_scores[:, perm])
+
+
+# ------------------------------------------------------------------------------------------------ the metric
+
+
+def test_predicted_effect_formula_and_edge_cases():
+    w = np.array([0.5, 0.3, 0.2])
+    s = np.array([10.0, 4.0, 1.0])
+    s0 = float(w @ s)
+    np.testing.assert_allclose(predicted_effects(w, s), w * (s - s0) / (1 - w))
+    assert np.isnan(predicted_effects(np.array([1.0]), np.array([3.0]))).all()  # a one-clip video
+    assert faithfulness(np.zeros(5), np.arange(5.0)) == 0.0  # a constant explanation ranks nothing
+    assert np.isnan(faithfulness(np.arange(2.0), np.arange(2.0)))  # two clips: nothing to rank
+    assert faithfulness(np.arange(6.0), np.arange(6.0) ** 3) == pytest.approx(1.0)
+    assert faithfulness(np.arange(6.0), -np.arange(6.0)) == pytest.approx(-1.0)
+
+
+def test_positive_control_an_additive_head_is_faithful_by_construction():
+    head = additive_head(context=0)
+    rep = explanation_report(head, videos(), span=20.0)
+    assert rep["faithfulness"] > 0.999 and rep["n"] == 12
+    assert rep["deletion_area"] > 0  # removing the clips it names first moves the score faster than chance
+    fx = clip_effects(head, videos(1)[0])
+    # Exactly: removing clip t renormalises the softmax and leaves the others, so D = D^ (float32 rounding).
+    np.testing.assert_allclose(fx.measured, fx.predicted, atol=1e-4)
+
+
+def test_negative_control_a_shuffled_explanation_scores_about_zero():
+    head = additive_head(context=0)
+    shuffled = ShuffledExplanation(head)
+    rep = explanation_report(shuffled, videos(40, seed=3), span=20.0)
+    assert abs(rep["faithfulness"]) < 0.15, rep
+    assert abs(rep["deletion_area"]) < explanation_report(head, videos(40, seed=3), span=20.0)["deletion_area"]
+
+
+def test_context_makes_the_explanation_approximate_and_the_metric_says_so():
+    exact = explanation_report(additive_head(context=0), videos(), span=20.0)["faithfulness"]
+    with_context = explanation_report(additive_head(context=2), videos(), span=20.0)["faithfulness"]
+    assert with_context < exact  # measured, not assumed: neighbours' features change when a clip goes
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+
+@pytest.mark.parametrize("name", ["gdlt", "interp", "additive"])
+def test_measured_effects_equal_an_independent_recomputation(name, monkeypatch):
+    torch.manual_seed(1)
+    head = create_head(name, {"in_dim": DIM, "hidden_dim": 16, "dropout": 0.0, "score_min": 0.0,
+                              "score_max": 20.0}).eval()
+    x = videos(1, seed=5)[0]
+    with torch.no_grad():
+        full = float(head(torch.tensor(x)[None]).score)
+        alone = np.array([full - float(head(torch.tensor(np.delete(x, t, axis=0))[None]).score)
+                          for t in range(len(x))])
+    np.testing.assert_allclose(measured_effects(head, x), alone, **CROSS_INSTANCE)
+    # Chunked (a few removed clips per batch) or not, the same effects.
+    monkeypatch.setattr(effects, "CHUNK_FLOATS", 3 * (len(x) - 1) * DIM)
+    np.testing.assert_allclose(measured_effects(head, x), alone, **CROSS_INSTANCE)
+
+
+def test_deletion_area_is_positive_for_the_true_order_and_not_for_its_reverse():
+    head = additive_head()
+    x = videos(1, seed=2)[0]
+    fx = clip_effects(head, x)
+    good = deletion_area(head, x, fx.predicted, 20.0)
+    # An explanation that names the least important clips first.
+    bad = deletion_area(head, x, 1.0 / (np.abs(fx.predicted) + 1e-6), 20.0)
+    assert good > 0 > bad
+
+
+def test_one_clip_video_has_no_effects():
+    head = additive_head()
+    fx = clip_effects(head, videos(1)[0][:1])
+    assert np.isnan(fx.measured).all() and np.isnan(fx.faithfulness)
+
+
+# ------------------------------------------------------------------------------------------------ in aqa score
+
+
+def test_score_json_effects_match_an_independent_recomputation(tmp_path):
+    torch.manual_seed(0)
+    head = create_head("gdlt", {"in_dim": 1024, "hidden_dim": 32, "dropout": 0.0, "score_min": 0.0,
+                                "score_max": 40.0}).eval()
+    ck = save_head(tmp_path / "g.safetensors", [head], {
+        "preset": "fisv-pcs", "target": "PCS", "scale": {"score_min": 0.0, "score_max": 40.0, "unit": "points"},
+        "contract": {"backbone": "i3d", "feature_dim": 1024, "recipe": "i3d-deepmind"}})
+    x = np.random.default_rng(4).normal(size=(9, 1024)).astype(np.float32)
+    np.save(tmp_path / "v.npy", x)
+    res = run_aqa("score", tmp_path / "v.npy", "--weights", ck, "--backbone", "i3d", "--json",
+                  "--clips-csv", tmp_path / "clips.csv", timeout=300)
+    assert res.returncode == 0, res.stderr
+    obj = json.loads(res.stdout)
+    loaded = load_head(ck)
+    with torch.no_grad():
+        full = float(loaded.model(torch.tensor(x)[None]).score)
+        want = [full - float(loaded.model(torch.tensor(np.delete(x, t, axis=0))[None]).score) for t in range(len(x))]
+    got = [c["effect"] for c in obj["clips"]]
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    pred = predicted_effects(np.array([c["weight"] for c in obj["clips"]]), np.array([c["score"] for c in obj["clips"]]))
+    np.testing.assert_allclose([c["predicted_effect"] for c in obj["clips"]], pred, atol=1e-6)
+    assert obj["faithfulness"] == pytest.approx(faithfulness(pred, np.array(want)), abs=0.05)
+    assert isinstance(obj["explanation_faithful"], bool)
+    import pandas as pd
+
+    clips = pd.read_csv(tmp_path / "clips.csv")
+    np.testing.assert_allclose(clips.effect.to_numpy(), got, atol=1e-9)
+
+
+def test_table_says_plainly_when_the_weights_are_not_the_reason():
+    from pathlib import Path
+
+    from aqa_cli.report import explanation_line
+    from aqa_cli.scoring import ClipScore, VideoScore
+
+    r = VideoScore(input=Path("v.mp4"), status="ok", score=10.0,
+                   clips=[ClipScore(i, i, i + 1, 0.25, 10.0, effect=0.1 * i) for i in range(4)], faithfulness=0.1)
+    assert not r.explanation_faithful and "do NOT say" in explanation_line(r)
+    r.faithfulness = 0.95
+    assert r.explanation_faithful and "faithful" in explanation_line(r)
