@@ -650,8 +650,13 @@ def convert_labels(
 def evaluate(
     features: Annotated[Path, typer.Option(help="Folder of <id>.npy clip features.")],
     labels: Annotated[Path, typer.Option(help="Label file (CSV with a header, GDLT text or RG tab-separated).")],
-    weights: Annotated[list[Path], typer.Option(help="Head checkpoint(s); repeat for several.")],
-    target: Annotated[Optional[list[str]], typer.Option(help="Label column(s): one for all, one per --weights, or none for each checkpoint's own.")] = None,
+    weights: Annotated[list[Path], typer.Option(help="Head checkpoint(s): --weights A B C, or --weights A "
+                                                     "--weights B.")],
+    more_weights: Annotated[Optional[list[Path]], typer.Argument(
+        metavar="[FILE]...", show_default=False,
+        help="The checkpoints after the first in `--weights A B C` (an option takes one value; the rest arrive "
+             "here).")] = None,
+    target: Annotated[Optional[list[str]], typer.Option(help="Label column(s): one for all, one per checkpoint, or none for each checkpoint's own.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (a list for several).")] = False,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -661,7 +666,8 @@ def evaluate(
     from aqa_cli.backbones import resolve_device
     from aqa_cli.evaluation import evaluate as run_evaluate
 
-    results, overall = run_evaluate(features, labels, list(weights), target, device=str(resolve_device(device)))
+    results, overall = run_evaluate(features, labels, [*weights, *(more_weights or [])], target,
+                                    device=str(resolve_device(device)))
     if json_out:
         rows = [r.to_dict() for r in results]
         payload = rows[0] if len(rows) == 1 else rows
