@@ -30,7 +30,7 @@ class Evaluation:
 
 
 def evaluate(features: str | Path, labels: str | Path, weights: list[str | Path], targets: list[str] | None = None,
-             *, device: str = "cpu") -> tuple[list[Evaluation], float | None]:
+             *, device: str = "cpu", trust_features: bool = False) -> tuple[list[Evaluation], float | None]:
     """Evaluate each checkpoint on its target (``targets`` pairs with ``weights``, or one target serves all,
     or none: each checkpoint's own). Returns the evaluations and, for several, the Fisher-z mean ρ."""
     if not weights:
@@ -50,11 +50,12 @@ def evaluate(features: str | Path, labels: str | Path, weights: list[str | Path]
         data = datasets.get(lab.column(target))
         if data is None:
             data = datasets[lab.column(target)] = load_feature_set(features, lab, target)
-        loaded.check_features(data.features, data.ids, data.feature_dir, data.contract)
+        trusted = loaded.check_features(data.features, data.ids, data.feature_dir, data.contract,
+                                        trust_features=trust_features)
         pred = predict_set(loaded.model, data, device=device)
         results.append(Evaluation(weights=Path(w), target=data.target_name, head=loaded.head,
                                   metrics=report(pred, data.targets),
                                   predictions={vid: float(p) for vid, p in zip(data.ids, np.round(pred, 4))},
-                                  notes=data.notes))
+                                  notes=[*data.notes, *([trusted] if trusted else [])]))
     overall = fisher_z_mean([r.metrics["spearman"] for r in results]) if len(results) > 1 else None
     return results, overall

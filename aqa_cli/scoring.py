@@ -162,6 +162,8 @@ class ClipFeatures:
     source: str  # "backbone", "cache" or "file"
     video: Path | None
     warnings: list[str] = field(default_factory=list)
+    weights: str | None = None  # the backbone weights' name (``file:<sha256>`` for a checkpoint given by path)
+    weights_source: dict | None = None  # such a checkpoint's path and sha256
 
 
 # ------------------------------------------------------------------------------------------------ head choice
@@ -278,7 +280,8 @@ class Scorer:
     def __init__(self, choice: HeadChoice, *, backbone: str | None = None, device: str = "auto",
                  precision: str = "fp32", cache: FeatureCache | None = None, batch_size: int = 4,
                  decoder: str = "auto", backbone_factory: BackboneFactory | None = None,
-                 events: ScoreEvents | None = None):
+                 events: ScoreEvents | None = None, backbone_weights: str | None = None,
+                 trust_features: bool = False):
         if precision not in PRECISIONS:
             raise AqaError(f"unknown precision {precision!r}", fix=f"choose one of: {', '.join(PRECISIONS)}")
         self.choice = choice
@@ -289,7 +292,11 @@ class Scorer:
         self.batch_size = batch_size
         self.decoder = decoder
         self.events = events or ScoreEvents()
-        self._factory = backbone_factory or (lambda name: create_backbone(name, device=device, precision=precision))
+        # Other weights for the backbone: a registry name or a checkpoint file (create_backbone's ``weights``).
+        self.backbone_weights = backbone_weights
+        self.trust_features = trust_features
+        self._factory = backbone_factory or (lambda name: create_backbone(name, device=device, precision=precision,
+                                                                          weights=backbone_weights))
         self._backbones: dict[str, Backbone] = {}
         self.stats = {"backbone_runs": 0, "cache_hits": 0, "backbones_built": 0}
         self.backbone_override = backbone
@@ -303,6 +310,17 @@ class Scorer:
                 raise FeatureError(f"--backbone {backbone}, but {h.path.name} was trained on {need['backbone']} "
                                    f"features", fix=f"drop --backbone, or use --backbone {need['backbone']}")
             h.to(self.device)
+        if backbone_weights is not None:
+            needed = {h.required_features()["backbone"] for h in self.heads}
+            if len(needed) > 1:
+                raise AqaError(f"--backbone-weights, but the heads read features of several backbones "
+                               f"({', '.join(sorted(needed))})", fix="score with one head (--head or --weights)")
+            # Refused before any video is decoded: every video would fail the same way.
+            name, _ = self._weights_identity(get_backbone_spec(needed.pop()))
+            for h in self.heads:
+                if not trust_features:
+                    h.check_weights(name, f"--backbone-weights {backbone_weights}",
+                                    source={"path": str(backbone_weights)})
 
     # -- the public entry points
 
@@ -393,18 +411,19 @@ class Scorer:
                                                  "made with its default recipe, or score the video itself")
             features = load_features(npy)
             recipe = spec.recipe
-            step = recipe.stride / recipe.fps
-            clips = [{"start_s": k * step, "end_s": k * step + recipe.clip_len / recipe.fps}
+            step = recipe.stride / recipe.timeline_fps
+            clips = [{"start_s": k * step, "end_s": k * step + recipe.clip_len / recipe.timeline_fps}
                      for k in range(len(features))]
             return ClipFeatures(features, clips, backbone, recipe.to_dict(), "file", None,
                                 [f"no sidecar: clip times assume {recipe.name} clips from the start of the video"])
         sidecar = read_sidecar(sidecar_path)
         features = load_features(npy, sidecar)
-        made_by = (sidecar.get("backbone") or {}).get("name")
+        made_by = sidecar.get("backbone") or {}
         recipe = sidecar.get("recipe") or {}
         _check_not_too_short(sidecar, npy)
-        return ClipFeatures(features, list(sidecar.get("clips") or []), made_by or "", recipe, "file",
-                            _reachable_video(sidecar, sidecar_path), list((sidecar.get("source") or {}).get("warnings", [])))
+        return ClipFeatures(features, list(sidecar.get("clips") or []), made_by.get("name") or "", recipe, "file",
+                            _reachable_video(sidecar, sidecar_path), list((sidecar.get("source") or {}).get("warnings", [])),
+                            weights=made_by.get("weights"), weights_source=made_by.get("weights_source"))
 
     def _features_from_video(self, video: Path, backbone: str, timings: dict[str, float]) -> ClipFeatures:
         from aqa_cli.weights import recorded_sha256
@@ -419,22 +438,26 @@ class Scorer:
             raise VideoError(f"cannot be read ({type(exc).__name__})", path=video, fix="check its permissions") from None
         timings["hash_s"] = time.perf_counter() - t0
         spec = get_backbone_spec(backbone)
+        weights_name, weights_sha = self._weights_identity(spec)
         key = None
         if self.cache is not None:
             # Keyed by the weights' recorded sha256, so a cache hit needs no backbone at all;
             # weights not yet converted have no record, and are built (fetched) first.
             # A self-built backbone (pose) is not in the weights registry: its own identity names its models.
-            weights_sha = (None if spec.factory is not None else recorded_sha256(spec.weights)) \
-                or self._backbone(backbone).weights_sha256
-            key = cache_key(video_sha256=video_sha, backbone=backbone, weights=spec.weights,
+            # A checkpoint given by path is keyed by its file's sha256 (in its name), not by its path: a
+            # moved or renamed copy finds its features again; the entry's sidecar records the path.
+            weights_sha = weights_sha or self._backbone(backbone).weights_sha256
+            key = cache_key(video_sha256=video_sha, backbone=backbone, weights=weights_name,
                             weights_sha256=weights_sha, recipe=spec.recipe.to_dict(), precision=self.precision)
             hit = self.cache.get(key)
             if hit is not None:
                 features, sidecar = hit
                 self.stats["cache_hits"] += 1
                 _check_not_too_short(sidecar, video)
+                made_by = sidecar.get("backbone") or {}
                 return ClipFeatures(features, list(sidecar["clips"]), backbone, sidecar["recipe"], "cache", video,
-                                    list((sidecar.get("source") or {}).get("warnings", [])))
+                                    list((sidecar.get("source") or {}).get("warnings", [])),
+                                    weights=weights_name, weights_source=made_by.get("weights_source"))
         bb = self._backbone(backbone)
 
         def on_plan(plan) -> None:  # noqa: ANN001 - a ClipPlan
@@ -454,12 +477,29 @@ class Scorer:
             except OSError as exc:
                 warnings.append(f"features not cached ({type(exc).__name__}: {exc.strerror or exc})")
         return ClipFeatures(result.features, sidecar["clips"], backbone, sidecar["recipe"], "backbone", video,
-                            warnings)
+                            warnings, weights=bb.spec.weights, weights_source=bb.weights_source)
+
+    def _weights_identity(self, spec) -> tuple[str, str | None]:  # noqa: ANN001 - a BackboneSpec
+        """(weights name, sha256 of the converted weights when already converted, else None) for the backbone."""
+        from aqa_cli.weights import get_spec, is_weights_path, recorded_sha256, recorded_user_sha256
+
+        if spec.factory is not None:
+            return spec.weights, None
+        chosen = self.backbone_weights
+        if chosen is not None and is_weights_path(chosen):
+            if not Path(chosen).expanduser().is_file():
+                raise WeightsError("no such checkpoint file", path=chosen,
+                                   fix="check the path; --backbone-weights takes a file or a registry name")
+            return recorded_user_sha256(get_spec(spec.weights), chosen)
+        name = chosen or spec.weights
+        return name, recorded_sha256(name)
 
     # -- the head
 
     def _apply_head(self, h: LoadedHead, feats: ClipFeatures, path: Path, result: VideoScore) -> None:
         _check_contract(h, feats, path)
+        trusted = h.check_weights(feats.weights, path, trust_features=self.trust_features,
+                                  source=feats.weights_source)
         t0 = time.perf_counter()
         out = run_head(h, feats.features, self.device)
         result.timings["head_s"] = time.perf_counter() - t0
@@ -488,7 +528,7 @@ class Scorer:
         result.backbone = feats.backbone
         result.features_source = feats.source
         result.video = feats.video
-        result.warnings = list(feats.warnings)
+        result.warnings = list(feats.warnings) + ([trusted] if trusted else [])
 
 
 def _time_step_runs(runs: list[dict] | None, clips: list[ClipScore], clip_frames: int | None) -> None:
