@@ -95,16 +95,16 @@ class Backbone:
 
 
 def _registry() -> dict[str, BackboneSpec]:
-    from aqa_cli.backbones import i3d, pose, vst
+    from aqa_cli.backbones import i3d, pose, ptv_zoo, vst
 
-    return {spec.name: spec for spec in (i3d.BACKBONE, vst.BACKBONE, pose.BACKBONE)}
+    return {spec.name: spec for spec in (i3d.BACKBONE, vst.BACKBONE, pose.BACKBONE, *ptv_zoo.BACKBONES)}
 
 
 def weights_specs() -> dict:
     """Weights registry entries contributed by the backbone modules."""
-    from aqa_cli.backbones import i3d, vst
+    from aqa_cli.backbones import i3d, ptv_zoo, vst
 
-    return {spec.name: spec for spec in (i3d.WEIGHTS, *vst.WEIGHTS)}
+    return {spec.name: spec for spec in (i3d.WEIGHTS, *vst.WEIGHTS, *ptv_zoo.WEIGHTS)}
 
 
 def list_backbones() -> list[str]:
