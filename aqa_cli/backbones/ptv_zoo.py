@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -45,7 +46,7 @@ import torch
 from torch import nn
 
 from aqa_cli.backbones import BackboneSpec
-from aqa_cli.errors import WeightsError
+from aqa_cli.errors import AqaError, WeightsError
 from aqa_cli.recipes import Recipe
 from aqa_cli.weights import WeightsSpec, guess_architecture, load_torch_checkpoint, state_dict_of
 
@@ -131,9 +132,22 @@ class ZooBackbone(nn.Module):
             return x
         return [x.index_select(2, slow_pathway_index(x.shape[2], alpha).to(x.device)), x]
 
-    def forward(self, x: torch.Tensor) -> ZooOutput:
+    def check_input(self, x: torch.Tensor) -> None:
+        """Refuse clips the network cannot take: its head pools over the recipe's clip length (and MViT's
+        position embeddings fix its whole input size)."""
         if x.dim() != 5 or x.shape[1] != 3:
             raise ValueError(f"expected input [B, 3, T, H, W], got {tuple(x.shape)}")
+        recipe = self.zoo.recipe
+        if self.zoo.family == "mvit" and tuple(x.shape[2:]) != (recipe.clip_len, *recipe.crop):
+            raise AqaError(f"{self.zoo.backbone} takes clips of exactly {recipe.clip_len}x{recipe.crop[0]}x"
+                           f"{recipe.crop[1]}, got {'x'.join(map(str, x.shape[2:]))}",
+                           fix="drop --clip-len (its position embeddings are for that size)")
+        if x.shape[2] < recipe.clip_len:
+            raise AqaError(f"{self.zoo.backbone} takes clips of at least {recipe.clip_len} frames, got {x.shape[2]}",
+                           fix=f"drop --clip-len, or give it {recipe.clip_len} or more")
+
+    def forward(self, x: torch.Tensor) -> ZooOutput:
+        self.check_input(x)
         net, h = self.net, self.inputs(x)
         if self.zoo.family == "mvit":
             # MultiscaleVisionTransformers.forward up to its head; the head pools the class token.
@@ -254,12 +268,9 @@ def _build(model: ZooModel) -> Callable[[dict[str, torch.Tensor], dict[str, str]
 
 
 def _weights_spec(model: ZooModel) -> WeightsSpec:
-    def convert(path: Path, fmt: str = "auto") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        return convert_checkpoint(model, path, fmt)
-
-    def convert_user(path: Path, fmt: str = "auto") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        return convert_checkpoint(model, path, fmt, num_classes=None)
-
+    # The registry entry is the 400-class release; a file given by path keeps its own class count.
+    convert = partial(convert_checkpoint, model, num_classes=400)
+    convert_user = partial(convert_checkpoint, model, num_classes=None)
     # The zoo publishes neither checksums nor sizes (its hub code downloads without a hash check, and no
     # size is given in its model zoo tables), so the first file accepted is trusted (as for vst-k600).
     return WeightsSpec(name=model.weights, kind="backbone", architecture=model.architecture,

@@ -296,10 +296,7 @@ def convert_checkpoint(path: Path, fmt: str = "auto", *, config: SwinConfig = SW
     """An official mmcv checkpoint or a torchvision state dict → torchvision's state dict and metadata."""
     obj = load_torch_checkpoint(path)
     try:
-        detected, state = _detect(obj)
-        if fmt not in ("auto", detected):
-            raise ValueError(f"looks like a {detected} checkpoint, not {fmt}")
-        renamed = _torchvision_state(detected, state)
+        detected, renamed = _torchvision_state(obj, fmt)
         found = _class_count(renamed)
         if found is not None and found != config.num_classes:
             raise ValueError(f"its classifier has {found} classes but these weights are a "
@@ -315,14 +312,18 @@ def convert_checkpoint(path: Path, fmt: str = "auto", *, config: SwinConfig = SW
     return tensors, extra
 
 
-def _torchvision_state(detected: str, state: Mapping[str, Any]) -> dict[str, Any]:
-    """A detected checkpoint's state dict under torchvision's names."""
+def _torchvision_state(obj: Any, fmt: str = "auto") -> tuple[str, dict[str, Any]]:
+    """(detected format, the state dict under torchvision's names) of a loaded checkpoint; ValueError if
+    it is not a Video Swin checkpoint, or not of the format ``fmt`` the user named."""
+    detected, state = _detect(obj)
+    if fmt not in ("auto", detected):
+        raise ValueError(f"looks like a {detected} checkpoint, not {fmt}")
     if detected != "mmcv":
-        return dict(state)
+        return detected, dict(state)
     renamed, unexpected = state_dict_from_official(state)
     if unexpected:
         raise ValueError(f"keys with no Swin3D counterpart: {_names(unexpected)}")
-    return renamed
+    return detected, renamed
 
 
 def _class_count(state: Mapping[str, Any]) -> int | None:
@@ -391,10 +392,7 @@ def convert_user_checkpoint(path: Path, fmt: str = "auto") -> tuple[dict[str, to
 
     obj = load_torch_checkpoint(path)
     try:
-        detected, state = _detect(obj)
-        if fmt not in ("auto", detected):
-            raise ValueError(f"looks like a {detected} checkpoint, not {fmt}")
-        renamed = _torchvision_state(detected, state)
+        detected, renamed = _torchvision_state(obj, fmt)
         num_classes = _class_count(renamed)
         config = infer_config(renamed, num_classes or 0)
         if num_classes is None:
