@@ -150,12 +150,14 @@ def test_zoo_checkpoints_are_checked_key_by_key(home):
 def test_extract_features_with_a_zoo_backbone_records_its_recipe_and_kinetics_names(home):
     import_file(X3D_M.weights, save_zoo_checkpoint(home / "X3D_M.pyth", zoo_net(X3D_M)))
     # 6 s at 25 fps: two X3D-M clips of 16 frames on the 6 fps timeline (every 5th frame at 30 fps).
-    video = write_video(home / "v.mp4", moving_scene(150, 180, 320, seed=2), 25)
+    video = write_video(home / "v.mp4", moving_scene(150, 176, 320, seed=2), 25)
     res = CliRunner().invoke(app, ["extract-features", str(video), "--out", str(home / "f"), "--backbone", "x3d-m",
                                    "--show-pred", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     sidecar = json.loads((home / "f" / "v.json").read_text())
     assert sidecar["recipe"]["sampling_rate"] == 5 and sidecar["shape"] == [2, 2048]
-    assert sidecar["clips"][0]["start_s"] == 0.0 and sidecar["clips"][0]["end_s"] == pytest.approx(16 * 5 / 30)
+    # 36 frames on the 6 fps timeline: 2 clips, the 4 left over trimmed equally (2 at the head, 1/3 s).
+    first = sidecar["clips"][0]
+    assert first["start_s"] == pytest.approx(2 / 6) and first["end_s"] - first["start_s"] == pytest.approx(16 * 5 / 30)
     assert len(sidecar["predictions"]) == 5 and all(not p["label"].isdigit() for p in sidecar["predictions"])
     assert np.load(home / "f" / "v.npy").shape == (2, 2048)
