@@ -21,6 +21,7 @@ from aqa_cli.backbones.vst import SWIN_B, SwinConfig, infer_config, state_dict_f
 from aqa_cli.cache import FeatureCache
 from aqa_cli.cli import app
 from aqa_cli.errors import FeatureError, WeightsError
+from aqa_cli.evaluation import evaluate
 from aqa_cli.heads import create_head
 from aqa_cli.heads.checkpoint import save_head
 from aqa_cli.presets import load_preset
@@ -192,3 +193,16 @@ def test_heads_refuse_a_user_checkpoints_features_unless_trusted(home, mine_stat
     assert res.exit_code == 0, res.output
     scored = json.loads(res.stdout)
     assert scored["score"] == pytest.approx(first.score, abs=1e-4) and "--trust-features" in " ".join(scored["warnings"])
+
+    # aqa evaluate keeps the same rule for a labelled folder of such features.
+    folder = home / "labelled"
+    folder.mkdir()
+    features = np.load(home / "f" / "clip.npy")
+    for k in range(3):
+        np.save(folder / f"v{k}.npy", features + 0.01 * k)
+        (folder / f"v{k}.json").write_text((home / "f" / "clip.json").read_text())
+    (folder / "labels.csv").write_text("id,TES\nv0,10\nv1,20\nv2,30\n")
+    with pytest.raises(FeatureError, match="trained on vst-k600 features"):
+        evaluate(folder, folder / "labels.csv", [head])
+    [result], _ = evaluate(folder, folder / "labels.csv", [head], trust_features=True)
+    assert result.metrics["n"] == 3 and any("--trust-features" in n for n in result.notes)
