@@ -240,7 +240,8 @@ def _check_size(spec: WeightsSpec, source_file: Path) -> None:
         raise WeightsError(
             f"is {size:,} bytes but the official {spec.name} checkpoint is {spec.source_size:,} bytes",
             path=source_file,
-            fix=f"the file is truncated or not the official one; download it again from {spec.url or spec.source}",
+            fix=f"the file is truncated or not the official one; download it again from {spec.url or spec.source} "
+            "(a checkpoint of your own is not imported under a registry name: pass it by path, --weights FILE)",
         )
 
 
