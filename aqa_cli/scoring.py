@@ -295,6 +295,7 @@ class Scorer:
         # Other weights for the backbone: a registry name or a checkpoint file (create_backbone's ``weights``).
         self.backbone_weights = backbone_weights
         self.trust_features = trust_features
+        self._user_identity: dict[str, tuple[str, str | None]] = {}
         self._factory = backbone_factory or (lambda name: create_backbone(name, device=device, precision=precision,
                                                                           weights=backbone_weights))
         self._backbones: dict[str, Backbone] = {}
@@ -426,8 +427,6 @@ class Scorer:
                             weights=made_by.get("weights"), weights_source=made_by.get("weights_source"))
 
     def _features_from_video(self, video: Path, backbone: str, timings: dict[str, float]) -> ClipFeatures:
-        from aqa_cli.weights import recorded_sha256
-
         t0 = time.perf_counter()
         try:
             if not video.is_file():
@@ -487,11 +486,15 @@ class Scorer:
             return spec.weights, None
         chosen = self.backbone_weights
         if chosen is not None and is_weights_path(chosen):
-            if not Path(chosen).expanduser().is_file():
-                raise WeightsError("no such checkpoint file", path=chosen,
-                                   fix="check the path; --backbone-weights takes a file or a registry name")
-            return recorded_user_sha256(get_spec(spec.weights), chosen)
+            # Hashed once per run, not once per video: the file may be hundreds of MB.
+            if spec.name not in self._user_identity:
+                if not Path(chosen).expanduser().is_file():
+                    raise WeightsError("no such checkpoint file", path=chosen,
+                                       fix="check the path; --backbone-weights takes a file or a registry name")
+                self._user_identity[spec.name] = recorded_user_sha256(get_spec(spec.weights), chosen)
+            return self._user_identity[spec.name]
         name = chosen or spec.weights
+        get_spec(name)  # an unknown name gets the registry's message, before any contract is checked
         return name, recorded_sha256(name)
 
     # -- the head

@@ -183,11 +183,15 @@ class LoadedHead:
         if trust_features:
             return (f"features made with {made}, not the {need} weights {self.path.name} was trained on: "
                     "scored because of --trust-features")
+        from aqa_cli.weights import USER_PREFIX
+
+        fix = "pass --trust-features if you know they match (e.g. the same weights saved again), or train a head " \
+              "on these features with `aqa train`"
+        if need.startswith(USER_PREFIX):
+            fix = f"score with --backbone-weights FILE, the checkpoint file the head was trained with, or {fix}"
         raise FeatureError(f"features made with {made}, but {self.path.name} was trained on {need} features; another "
                            "checkpoint's features are another feature space, so the head's score would not mean "
-                           "what it says", path=where,
-                           fix="pass --trust-features if you know they match (e.g. the same weights saved "
-                               "again), or train a head on these features with `aqa train`")
+                           "what it says", path=where, fix=fix)
 
     def check_contract(self, backbone: str | None, recipe: str | None, where: str | Path) -> None:
         """Refuse features from another backbone or recipe than the head was trained on."""
