@@ -667,7 +667,7 @@ def evaluate(
     weights: Annotated[list[Path], typer.Option(help="Head checkpoint(s): --weights A B C, or --weights A "
                                                      "--weights B.")],
     more_weights: Annotated[Optional[list[Path]], typer.Argument(
-        metavar="[FILE]...", show_default=False,
+        metavar="FILE", show_default=False,
         help="The checkpoints after the first in `--weights A B C` (an option takes one value; the rest arrive "
              "here).")] = None,
     target: Annotated[Optional[list[str]], typer.Option(help="Label column(s): one for all, one per checkpoint, or none for each checkpoint's own.")] = None,
