@@ -97,8 +97,11 @@ def extract_features(
     backbone: Annotated[str, typer.Option(help="Feature extractor: i3d (Kinetics-400 I3D), vst (Video Swin-B "
                                                 "Kinetics-600, the published AQA features) or pose (MediaPipe "
                                                 "BlazePose landmarks; needs mediapipe, see the README).")] = "i3d",
-    weights: Annotated[Optional[str], typer.Option(help="Other weights of the same architecture (see `aqa weights "
-                                                        "list`); default: the backbone's own.")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Other weights of the same architecture: a registry name "
+                                                        "(see `aqa weights list`) or a checkpoint file (official "
+                                                        "mmcv Video Swin, torchvision swin3d_b, DeepMind I3D, a "
+                                                        "pytorchvideo zoo file), converted once and cached by its "
+                                                        "sha256; default: the backbone's own.")] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
     batch_size: Annotated[int, typer.Option(min=1, help="Clips per forward pass.")] = 4,
@@ -123,7 +126,7 @@ def extract_features(
     # Non-overlapping clips stay non-overlapping when only the length changes.
     bb.recipe = bb.recipe.replace(clip_len=clip_len, stride=stride or clip_len, leftover=leftover)
     err.print(f"[bold]{bb.name}[/bold] on {bb.device} ({precision}), recipe {bb.recipe.name}: "
-              f"{bb.recipe.clip_len}-frame clips every {bb.recipe.stride} at {bb.recipe.fps or 'source'} fps")
+              f"{bb.recipe.clip_len}-frame clips every {bb.recipe.stride} at {bb.recipe.timeline_fps or 'source'} fps")
 
     rate = _ClipRate(time.perf_counter())
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), rate,
@@ -156,12 +159,16 @@ def extract_features(
                                      show_pred=show_pred, decoder=decoder, events=Events())
 
     if show_pred:
-        if bb.class_names is None:
+        if bb.weights_source is not None and bb.class_names is None:
+            err.print(f"[yellow]note[/yellow] {weights} carries no class names, so classes are shown by index",
+                      highlight=False)
+        elif bb.class_names is None:
             err.print(f"[yellow]note[/yellow] {bb.spec.weights} has no class names, so classes are shown by index; "
                       f"add them with `aqa weights labels {bb.spec.weights} FILE`", highlight=False)
         for o in outcomes:
             if o.predictions:
-                t = Table(title=f"{o.video.name}: Kinetics top-5 ({bb.spec.weights})", title_justify="left")
+                shown = weights if bb.weights_source is not None else bb.spec.weights
+                t = Table(title=f"{o.video.name}: top-5 classes ({shown})", title_justify="left")
                 t.add_column("label")
                 t.add_column("prob", justify="right")
                 for p in o.predictions:
@@ -190,6 +197,12 @@ def score(
                                                          "one.")] = None,
     backbone: Annotated[Optional[str], typer.Option(help="Feature extractor (default: the one in the head's "
                                                          "feature contract).")] = None,
+    backbone_weights: Annotated[Optional[str], typer.Option(
+        "--backbone-weights", help="The backbone's weights: a registry name or a checkpoint file of its architecture "
+                                   "(as extract-features --weights; --weights here is the head).")] = None,
+    trust_features: Annotated[bool, typer.Option(
+        "--trust-features", help="Let a head score features of other backbone weights than it was trained on "
+                                 "(refused otherwise: another checkpoint's features are another feature space).")] = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON (one object per video, a list for several) "
@@ -256,7 +269,8 @@ def score(
                     progress.console.print(f"[red]FAILED[/red] {r.error}", highlight=False, soft_wrap=True)
 
     scorer = Scorer(choice, backbone=backbone, device=device, precision=precision,
-                    cache=None if no_cache else FeatureCache(), batch_size=batch_size, decoder=decoder, events=Events())
+                    cache=None if no_cache else FeatureCache(), batch_size=batch_size, decoder=decoder, events=Events(),
+                    backbone_weights=backbone_weights, trust_features=trust_features)
     with progress:
         results = scorer.score_all(paths)
     agreement = head_agreement(results) if len(choice.heads) > 1 else None
@@ -695,11 +709,19 @@ def convert_labels(
 def evaluate(
     features: Annotated[Path, typer.Option(help="Folder of <id>.npy clip features.")],
     labels: Annotated[Path, typer.Option(help="Label file (CSV with a header, GDLT text or RG tab-separated).")],
-    weights: Annotated[list[Path], typer.Option(help="Head checkpoint(s); repeat for several.")],
-    target: Annotated[Optional[list[str]], typer.Option(help="Label column(s): one for all, one per --weights, or none for each checkpoint's own.")] = None,
+    weights: Annotated[list[Path], typer.Option(help="Head checkpoint(s): --weights A B C, or --weights A "
+                                                     "--weights B.")],
+    more_weights: Annotated[Optional[list[Path]], typer.Argument(
+        metavar="FILE", show_default=False,
+        help="The checkpoints after the first in `--weights A B C` (an option takes one value; the rest arrive "
+             "here).")] = None,
+    target: Annotated[Optional[list[str]], typer.Option(help="Label column(s): one for all, one per checkpoint, or none for each checkpoint's own.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (a list for several).")] = False,
     explanations: Annotated[bool, typer.Option(help="Also measure how faithful each head's per-clip explanations "
                                                     "are (one head pass per clip of every video).")] = True,
+    trust_features: Annotated[bool, typer.Option(
+        "--trust-features", help="Evaluate heads on features of other backbone weights than they were trained "
+                                 "on (refused otherwise).")] = False,
     device: DeviceOpt = "auto",
 ) -> None:
     """Spearman ρ, Pearson r, R-ℓ2×100 and MAE of trained heads on labelled features, and the faithfulness of
@@ -710,7 +732,8 @@ def evaluate(
     from aqa_cli.backbones import resolve_device
     from aqa_cli.evaluation import evaluate as run_evaluate
 
-    results, overall = run_evaluate(features, labels, list(weights), target, device=str(resolve_device(device)),
+    results, overall = run_evaluate(features, labels, [*weights, *(more_weights or [])], target,
+                                    device=str(resolve_device(device)), trust_features=trust_features,
                                     explain=explanations)
     if json_out:
         rows = [r.to_dict() for r in results]

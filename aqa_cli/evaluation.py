@@ -31,7 +31,8 @@ class Evaluation:
 
 
 def evaluate(features: str | Path, labels: str | Path, weights: list[str | Path], targets: list[str] | None = None,
-             *, device: str = "cpu", explain: bool = True) -> tuple[list[Evaluation], float | None]:
+             *, device: str = "cpu", trust_features: bool = False,
+             explain: bool = True) -> tuple[list[Evaluation], float | None]:
     """Evaluate each checkpoint on its target (``targets`` pairs with ``weights``, or one target serves all,
     or none: each checkpoint's own). Returns the evaluations and, for several, the Fisher-z mean ρ.
 
@@ -54,7 +55,8 @@ def evaluate(features: str | Path, labels: str | Path, weights: list[str | Path]
         data = datasets.get(lab.column(target))
         if data is None:
             data = datasets[lab.column(target)] = load_feature_set(features, lab, target)
-        loaded.check_features(data.features, data.ids, data.feature_dir, data.contract)
+        trusted = loaded.check_features(data.features, data.ids, data.feature_dir, data.contract,
+                                        trust_features=trust_features)
         pred = predict_set(loaded.model, data, device=device)
         metrics = report(pred, data.targets)
         if explain:
@@ -66,6 +68,6 @@ def evaluate(features: str | Path, labels: str | Path, weights: list[str | Path]
         results.append(Evaluation(weights=Path(w), target=data.target_name, head=loaded.head,
                                   metrics=metrics,
                                   predictions={vid: float(p) for vid, p in zip(data.ids, np.round(pred, 4))},
-                                  notes=data.notes))
+                                  notes=[*data.notes, *([trusted] if trusted else [])]))
     overall = fisher_z_mean([r.metrics["spearman"] for r in results]) if len(results) > 1 else None
     return results, overall

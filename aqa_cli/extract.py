@@ -130,7 +130,7 @@ def plan_for(reader: VideoReader, recipe: Recipe) -> ClipPlan:
         clip_len=recipe.clip_len,
         stride=recipe.stride,
         leftover=recipe.leftover,
-        target_fps=recipe.fps,
+        target_fps=recipe.timeline_fps,
         path=reader.info.path,
     )
 

@@ -40,12 +40,28 @@ class Recipe:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     interpolation: str = "bilinear"
     antialias: bool = True
+    # A clip takes every ``sampling_rate``-th frame of the ``fps`` timeline (the pytorchvideo zoo's
+    # "frame length x sample rate": X3D-M 16x5 at 30 fps spans 80 timeline frames). Frame i of the
+    # sampled timeline shows what is on screen at i * sampling_rate / fps s; clip_len and stride count
+    # sampled frames.
+    sampling_rate: int = 1
+    # SlowFast's two pathways: the fast one sees the whole clip, the slow one clip_len // alpha frames of it.
+    slowfast_alpha: int | None = None
+
+    # Fields left out of to_dict() at their default, so that the recipes written before they existed (in
+    # sidecars, cache keys and head contracts) still read as the same recipe.
+    _OPTIONAL = {"sampling_rate": 1, "slowfast_alpha": None}
 
     def __post_init__(self) -> None:
         if self.leftover not in LEFTOVER_POLICIES:
             raise ValueError(f"leftover must be one of {LEFTOVER_POLICIES}")
-        if self.clip_len < 1 or self.stride < 1:
-            raise ValueError("clip_len and stride must be positive")
+        if self.clip_len < 1 or self.stride < 1 or self.sampling_rate < 1:
+            raise ValueError("clip_len, stride and sampling_rate must be positive")
+
+    @property
+    def timeline_fps(self) -> float | None:
+        """The rate of the frames a clip is cut from: fps / sampling_rate (None: the source's own rate)."""
+        return None if self.fps is None else self.fps / self.sampling_rate
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -59,6 +75,9 @@ class Recipe:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        for key, default in self._OPTIONAL.items():
+            if d[key] == default:
+                del d[key]
         for key in ("crop", "final_size", "mean", "std"):
             if d[key] is not None:
                 d[key] = list(d[key])

@@ -185,6 +185,8 @@ class ClipFeatures:
     source: str  # "backbone", "cache" or "file"
     video: Path | None
     warnings: list[str] = field(default_factory=list)
+    weights: str | None = None  # the backbone weights' name (``file:<sha256>`` for a checkpoint given by path)
+    weights_source: dict | None = None  # such a checkpoint's path and sha256
 
 
 # ------------------------------------------------------------------------------------------------ head choice
@@ -301,7 +303,8 @@ class Scorer:
     def __init__(self, choice: HeadChoice, *, backbone: str | None = None, device: str = "auto",
                  precision: str = "fp32", cache: FeatureCache | None = None, batch_size: int = 4,
                  decoder: str = "auto", backbone_factory: BackboneFactory | None = None,
-                 events: ScoreEvents | None = None):
+                 events: ScoreEvents | None = None, backbone_weights: str | None = None,
+                 trust_features: bool = False):
         if precision not in PRECISIONS:
             raise AqaError(f"unknown precision {precision!r}", fix=f"choose one of: {', '.join(PRECISIONS)}")
         self.choice = choice
@@ -312,7 +315,12 @@ class Scorer:
         self.batch_size = batch_size
         self.decoder = decoder
         self.events = events or ScoreEvents()
-        self._factory = backbone_factory or (lambda name: create_backbone(name, device=device, precision=precision))
+        # Other weights for the backbone: a registry name or a checkpoint file (create_backbone's ``weights``).
+        self.backbone_weights = backbone_weights
+        self.trust_features = trust_features
+        self._user_identity: dict[str, tuple[str, str | None]] = {}
+        self._factory = backbone_factory or (lambda name: create_backbone(name, device=device, precision=precision,
+                                                                          weights=backbone_weights))
         self._backbones: dict[str, Backbone] = {}
         self.stats = {"backbone_runs": 0, "cache_hits": 0, "backbones_built": 0}
         self.backbone_override = backbone
@@ -326,6 +334,17 @@ class Scorer:
                 raise FeatureError(f"--backbone {backbone}, but {h.path.name} was trained on {need['backbone']} "
                                    f"features", fix=f"drop --backbone, or use --backbone {need['backbone']}")
             h.to(self.device)
+        if backbone_weights is not None:
+            needed = {h.required_features()["backbone"] for h in self.heads}
+            if len(needed) > 1:
+                raise AqaError(f"--backbone-weights, but the heads read features of several backbones "
+                               f"({', '.join(sorted(needed))})", fix="score with one head (--head or --weights)")
+            # Refused before any video is decoded: every video would fail the same way.
+            name, _ = self._weights_identity(get_backbone_spec(needed.pop()))
+            for h in self.heads:
+                if not trust_features:
+                    h.check_weights(name, f"--backbone-weights {backbone_weights}",
+                                    source={"path": str(backbone_weights)})
 
     # -- the public entry points
 
@@ -416,22 +435,21 @@ class Scorer:
                                                  "made with its default recipe, or score the video itself")
             features = load_features(npy)
             recipe = spec.recipe
-            step = recipe.stride / recipe.fps
-            clips = [{"start_s": k * step, "end_s": k * step + recipe.clip_len / recipe.fps}
+            step = recipe.stride / recipe.timeline_fps
+            clips = [{"start_s": k * step, "end_s": k * step + recipe.clip_len / recipe.timeline_fps}
                      for k in range(len(features))]
             return ClipFeatures(features, clips, backbone, recipe.to_dict(), "file", None,
                                 [f"no sidecar: clip times assume {recipe.name} clips from the start of the video"])
         sidecar = read_sidecar(sidecar_path)
         features = load_features(npy, sidecar)
-        made_by = (sidecar.get("backbone") or {}).get("name")
+        made_by = sidecar.get("backbone") or {}
         recipe = sidecar.get("recipe") or {}
         _check_not_too_short(sidecar, npy)
-        return ClipFeatures(features, list(sidecar.get("clips") or []), made_by or "", recipe, "file",
-                            _reachable_video(sidecar, sidecar_path), list((sidecar.get("source") or {}).get("warnings", [])))
+        return ClipFeatures(features, list(sidecar.get("clips") or []), made_by.get("name") or "", recipe, "file",
+                            _reachable_video(sidecar, sidecar_path), list((sidecar.get("source") or {}).get("warnings", [])),
+                            weights=made_by.get("weights"), weights_source=made_by.get("weights_source"))
 
     def _features_from_video(self, video: Path, backbone: str, timings: dict[str, float]) -> ClipFeatures:
-        from aqa_cli.weights import recorded_sha256
-
         t0 = time.perf_counter()
         try:
             if not video.is_file():
@@ -442,22 +460,26 @@ class Scorer:
             raise VideoError(f"cannot be read ({type(exc).__name__})", path=video, fix="check its permissions") from None
         timings["hash_s"] = time.perf_counter() - t0
         spec = get_backbone_spec(backbone)
+        weights_name, weights_sha = self._weights_identity(spec)
         key = None
         if self.cache is not None:
             # Keyed by the weights' recorded sha256, so a cache hit needs no backbone at all;
             # weights not yet converted have no record, and are built (fetched) first.
             # A self-built backbone (pose) is not in the weights registry: its own identity names its models.
-            weights_sha = (None if spec.factory is not None else recorded_sha256(spec.weights)) \
-                or self._backbone(backbone).weights_sha256
-            key = cache_key(video_sha256=video_sha, backbone=backbone, weights=spec.weights,
+            # A checkpoint given by path is keyed by its file's sha256 (in its name), not by its path: a
+            # moved or renamed copy finds its features again; the entry's sidecar records the path.
+            weights_sha = weights_sha or self._backbone(backbone).weights_sha256
+            key = cache_key(video_sha256=video_sha, backbone=backbone, weights=weights_name,
                             weights_sha256=weights_sha, recipe=spec.recipe.to_dict(), precision=self.precision)
             hit = self.cache.get(key)
             if hit is not None:
                 features, sidecar = hit
                 self.stats["cache_hits"] += 1
                 _check_not_too_short(sidecar, video)
+                made_by = sidecar.get("backbone") or {}
                 return ClipFeatures(features, list(sidecar["clips"]), backbone, sidecar["recipe"], "cache", video,
-                                    list((sidecar.get("source") or {}).get("warnings", [])))
+                                    list((sidecar.get("source") or {}).get("warnings", [])),
+                                    weights=weights_name, weights_source=made_by.get("weights_source"))
         bb = self._backbone(backbone)
 
         def on_plan(plan) -> None:  # noqa: ANN001 - a ClipPlan
@@ -477,12 +499,33 @@ class Scorer:
             except OSError as exc:
                 warnings.append(f"features not cached ({type(exc).__name__}: {exc.strerror or exc})")
         return ClipFeatures(result.features, sidecar["clips"], backbone, sidecar["recipe"], "backbone", video,
-                            warnings)
+                            warnings, weights=bb.spec.weights, weights_source=bb.weights_source)
+
+    def _weights_identity(self, spec) -> tuple[str, str | None]:  # noqa: ANN001 - a BackboneSpec
+        """(weights name, sha256 of the converted weights when already converted, else None) for the backbone."""
+        from aqa_cli.weights import get_spec, is_weights_path, recorded_sha256, recorded_user_sha256
+
+        if spec.factory is not None:
+            return spec.weights, None
+        chosen = self.backbone_weights
+        if chosen is not None and is_weights_path(chosen):
+            # Hashed once per run, not once per video: the file may be hundreds of MB.
+            if spec.name not in self._user_identity:
+                if not Path(chosen).expanduser().is_file():
+                    raise WeightsError("no such checkpoint file", path=chosen,
+                                       fix="check the path; --backbone-weights takes a file or a registry name")
+                self._user_identity[spec.name] = recorded_user_sha256(get_spec(spec.weights), chosen)
+            return self._user_identity[spec.name]
+        name = chosen or spec.weights
+        get_spec(name)  # an unknown name gets the registry's message, before any contract is checked
+        return name, recorded_sha256(name)
 
     # -- the head
 
     def _apply_head(self, h: LoadedHead, feats: ClipFeatures, path: Path, result: VideoScore) -> None:
         _check_contract(h, feats, path)
+        trusted = h.check_weights(feats.weights, path, trust_features=self.trust_features,
+                                  source=feats.weights_source)
         t0 = time.perf_counter()
         out = run_head(h, feats.features, self.device)
         result.timings["head_s"] = time.perf_counter() - t0
@@ -519,7 +562,7 @@ class Scorer:
         result.backbone = feats.backbone
         result.features_source = feats.source
         result.video = feats.video
-        result.warnings = list(feats.warnings)
+        result.warnings = list(feats.warnings) + ([trusted] if trusted else [])
 
 
 def _finite_or_none(value: float) -> float | None:

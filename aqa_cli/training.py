@@ -449,8 +449,11 @@ def run_train_job(job: TrainJob, *, on_epoch: EpochCallback | None = None,
     log["train_fit"] = report(train_pred, data.targets)  # in-sample: a sanity check, not an estimate
     log["train_seconds"] = seconds
     log["total_seconds"] = seconds + (log["cv"]["seconds"] if "cv" in log and job.final == "all" else 0.0)
-    contract = {"backbone": (preset.backbone if preset else data.contract.get("backbone", {}).get("name")),
-                "feature_dim": data.feature_dim, "recipe": data.contract.get("recipe", {}).get("name")}
+    made_by = data.contract.get("backbone", {})
+    # The weights too: a head reads only features of the weights it was trained on (LoadedHead.check_weights).
+    contract = {"backbone": (preset.backbone if preset else made_by.get("name")),
+                "feature_dim": data.feature_dim, "recipe": data.contract.get("recipe", {}).get("name"),
+                "weights": made_by.get("weights"), "weights_sha256": made_by.get("weights_sha256")}
     scale = {"score_min": config.score_min, "score_max": config.score_max,
              "unit": preset.unit if preset else "points"}
     metadata = {"preset": job.preset or "", "description": preset.description if preset else "",

@@ -39,7 +39,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,9 @@ class WeightsSpec:
     labels_sha256: str | None = None
     # Tells a file's format without running code in it (used by --format auto); None: the official format.
     detect: Callable[[Path], str] | None = None
+    # Converts any checkpoint of this architecture given by path (`--weights FILE`): its own class count
+    # (and, where the family allows, its own size), no pins. None: the architecture takes no such files.
+    convert_user: Converter | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -237,7 +240,8 @@ def _check_size(spec: WeightsSpec, source_file: Path) -> None:
         raise WeightsError(
             f"is {size:,} bytes but the official {spec.name} checkpoint is {spec.source_size:,} bytes",
             path=source_file,
-            fix=f"the file is truncated or not the official one; download it again from {spec.url or spec.source}",
+            fix=f"the file is truncated or not the official one; download it again from {spec.url or spec.source} "
+            "(a checkpoint of your own is not imported under a registry name: pass it by path, --weights FILE)",
         )
 
 
@@ -393,6 +397,84 @@ def load_weights(name: str, *, fetch_missing: bool = True) -> LoadedWeights:
         )
     tensors, meta = read_safetensors(path)
     return LoadedWeights(name=name, path=path, sha256=sha, tensors=tensors, metadata=meta)
+
+
+# ------------------------------------------------------------------------ checkpoints given by path
+
+USER_PREFIX = "file:"
+
+
+def is_weights_path(value: str | Path) -> bool:
+    """Whether a ``--weights`` value names a checkpoint file rather than a registry entry.
+
+    Registry names are bare words (``vst-k600``); a value with a folder, a file suffix, or that
+    exists as a file is a path.
+    """
+    p = Path(value)
+    return len(p.parts) > 1 or p.suffix != "" or p.is_file()
+
+
+def user_weights_name(source_sha256: str) -> str:
+    """The name features made with a checkpoint given by path carry: its file's sha256, not its path."""
+    return f"{USER_PREFIX}{source_sha256}"
+
+
+def _user_paths(spec: WeightsSpec, digest: str) -> tuple[Path, Path]:
+    folder = weights_dir() / "user" / spec.architecture
+    return folder / f"{digest}.safetensors", folder / f"{digest}.json"
+
+
+def recorded_user_sha256(spec: WeightsSpec, source: str | Path) -> tuple[str, str | None]:
+    """(name, sha256 of the converted file or None when not converted yet) for a checkpoint given by path."""
+    digest = sha256_file(Path(source).expanduser())
+    _, record = _user_paths(spec, digest)
+    try:
+        sha = json.loads(record.read_text(encoding="utf-8")).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        sha = None
+    return user_weights_name(digest), sha if isinstance(sha, str) and len(sha) == 64 else None
+
+
+def load_user_weights(spec: WeightsSpec, source: str | Path) -> LoadedWeights:
+    """A checkpoint of ``spec``'s architecture given by path, converted once and cached by its sha256.
+
+    Nothing pins such a file: it is read safely (``torch.load(weights_only=True)`` or the allow-list
+    unpickler, as the family's converter does), its sha256 names the converted copy in
+    ``$AQA_HOME/weights/user/<architecture>/<sha256>.safetensors``, and the metadata records where it
+    came from. The same file under another path or name is found again; a changed file is a new entry.
+    """
+    source = Path(source).expanduser()
+    if not source.is_file():
+        raise WeightsError("no such checkpoint file" if not source.exists() else "is not a file", path=source,
+                           fix="check the path; --weights takes a file or a registry name (`aqa weights list`)")
+    if spec.convert_user is None:
+        raise WeightsError(f"the {spec.architecture} backbone takes no checkpoint by path", path=source,
+                           fix=f"use its registry weights ({spec.name})")
+    digest = sha256_file(source)
+    target, record = _user_paths(spec, digest)
+    name = user_weights_name(digest)
+    if target.is_file() and record.is_file():
+        try:
+            recorded = json.loads(record.read_text(encoding="utf-8")).get("sha256")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        sha = sha256_file(target)
+        if sha == recorded:
+            tensors, meta = read_safetensors(target)
+            return LoadedWeights(name=name, path=target, sha256=sha, tensors=tensors, metadata=meta)
+        # A damaged converted copy is made again from the source below.
+    tensors, extra = spec.convert_user(source, "auto")
+    metadata = {
+        "format": WEIGHTS_FORMAT, "name": name, "kind": spec.kind, "architecture": spec.architecture,
+        "source": str(source.resolve()), "source_sha256": digest,
+        "source_format": extra.pop("source_format", "auto"),
+        "source_check": "a checkpoint given by path: no published pin, identified by its sha256",
+        "aqa_version": __version__, **extra,
+    }
+    sha = save_safetensors(tensors, target, metadata)
+    write_json(record, {"name": name, "sha256": sha, "source_sha256": digest, "source": str(source.resolve()),
+                        "source_format": metadata["source_format"], "aqa_version": __version__})
+    return LoadedWeights(name=name, path=target, sha256=sha, tensors=tensors, metadata=metadata)
 
 
 def fetch(name: str, *, force: bool = False, log: Callable[[str], None] | None = None,
@@ -664,6 +746,55 @@ def _foreign_globals(path: Path) -> list[str]:
     except Exception:  # noqa: BLE001 - not a pickle at all: nothing to name
         return []
     return [g for g in found if not g.startswith(("torch.", "collections.OrderedDict", "_codecs."))]
+
+
+@dataclass(frozen=True)
+class SeenArchitecture:
+    what: str  # in words, for messages
+    family: str  # "swin3d", "i3d", "x3d", "slowfast", "mvit", …
+    backbone: str | None  # the aqa backbone that reads it, if any
+
+
+# Key patterns that tell checkpoint families apart, checked in order (a state dict's keys, wrappers removed).
+_FAMILIES: tuple[tuple[tuple[str, ...], SeenArchitecture], ...] = (
+    (("backbone.layers.0.blocks.", "features.0.0.attn.relative_position_bias_table"),
+     SeenArchitecture("a Video Swin checkpoint", "swin3d", "vst")),
+    (("Conv3d_1a_7x7", "Mixed_5c"), SeenArchitecture("a DeepMind I3D checkpoint", "i3d", "i3d")),
+    (("blocks.0.multipathway_blocks.",), SeenArchitecture("a pytorchvideo SlowFast checkpoint", "slowfast",
+                                                          "slowfast-r50")),
+    (("blocks.0.conv.conv_t.",), SeenArchitecture("a pytorchvideo X3D checkpoint", "x3d", "x3d-m")),
+    (("patch_embed.patch_model.", "cls_positional_encoding."),
+     SeenArchitecture("a pytorchvideo MViT checkpoint", "mvit", "mvit-b-16x4")),
+    (("backbone.conv1.", "backbone.layer1."), SeenArchitecture("an mmaction ResNet-3D checkpoint", "resnet3d", None)),
+    (("blocks.0.conv.", "blocks.1.res_blocks."), SeenArchitecture("a pytorchvideo ResNet checkpoint", "resnet", None)),
+)
+
+
+def state_dict_of(obj: Any) -> Mapping[str, Any] | None:
+    """The state dict inside a loaded checkpoint: mmcv's ``state_dict``, pytorchvideo's ``model_state``,
+    a plain state dict, or DeepMind's ``params`` tree; DataParallel's ``module.`` prefix removed."""
+    if not isinstance(obj, Mapping):
+        return None
+    for key in ("state_dict", "model_state", "model", "params"):
+        if isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    keys = [k for k in obj if isinstance(k, str)]
+    if keys and all(k.startswith("module.") for k in keys):
+        return {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def guess_architecture(obj: Any) -> SeenArchitecture | None:
+    """Which known family a loaded checkpoint belongs to, from its key names alone (None: unknown)."""
+    state = state_dict_of(obj)
+    if not state:
+        return None
+    keys = [k for k in state if isinstance(k, str)]
+    for patterns, seen in _FAMILIES:
+        if any(k.startswith(p) for k in keys for p in patterns):
+            return seen
+    return None
 
 
 def _first_line(text: str) -> str:

@@ -135,7 +135,14 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(tmp_path):
 def test_a_null_recipe_in_the_contract_means_the_backbones_default(tmp_path):
     head = load_head(make_head(tmp_path / "vst.safetensors", "gdlt",
                                contract={"backbone": "vst", "feature_dim": 1024, "recipe": None}))
-    assert head.required_features() == {"backbone": "vst", "feature_dim": 1024, "recipe": "gdlt"}
+    # No weights recorded (the first heads): the backbone's release weights.
+    assert head.required_features() == {"backbone": "vst", "weights": "vst-k600", "feature_dim": 1024,
+                                        "recipe": "gdlt"}
+    assert head.check_weights("vst-k600", "x.npy") is None
+    with pytest.raises(FeatureError, match="features made with the swin3d-b-k400 weights, but vst.safetensors was "
+                                           "trained on vst-k600 features"):
+        head.check_weights("swin3d-b-k400", "x.npy")
+    assert "--trust-features" in head.check_weights("swin3d-b-k400", "x.npy", trust_features=True)
     head.check_contract("vst", "gdlt", "x.npy")
     with pytest.raises(FeatureError, match="follow the i3d-deepmind recipe but vst.safetensors was trained on the gdlt"):
         head.check_contract("vst", "i3d-deepmind", "x.npy")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,6 +141,15 @@ def test_train_cross_validate_and_evaluate(tmp_path):
     payload = json.loads(both.stdout)
     rhos = [r["spearman"] for r in payload["results"]]
     assert payload["fisher_z_mean_spearman"] == pytest.approx(np.tanh(np.mean(np.arctanh(rhos))))
+    # Several files after one flag, as the README writes it, is the same as repeating the flag.
+    listed = run_aqa("evaluate", "--features", f, "--labels", f / "labels.csv", "--weights", ck, ck2, ck3,
+                     "--json", timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    repeated = run_aqa("evaluate", "--features", f, "--labels", f / "labels.csv", "--weights", ck, "--weights", ck2,
+                       "--weights", ck3, "--json", timeout=120)
+    assert json.loads(listed.stdout) == json.loads(repeated.stdout)
+    assert [Path(r["weights"]).name for r in json.loads(listed.stdout)["results"]] == \
+        ["m.safetensors", "again.safetensors", "reused.safetensors"]
 
 
 def test_evaluate_refuses_features_that_break_the_contract(tmp_path):

