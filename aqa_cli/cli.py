@@ -7,6 +7,7 @@ Every command calls into the library (``aqa_cli.extract``, ``aqa_cli.weights``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
@@ -90,6 +91,16 @@ class _ClipRate(ProgressColumn):
         return Text(f"{rate:5.2f} clips/s", style="cyan")
 
 
+@contextlib.contextmanager
+def _interrupted_hint():
+    """Ctrl-C: say what is kept (typer turns KeyboardInterrupt into exit status 130 without a word)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/red]: complete videos are kept; run the same command again to resume")
+        raise typer.Exit(130) from None
+
+
 @app.command("extract-features")
 def extract_features(
     inputs: Annotated[list[Path], typer.Argument(help="Videos, or folders searched recursively by video extension.")],
@@ -146,7 +157,7 @@ def extract_features(
     if engine == "ray":
         from aqa_cli.ray_engine import import_ray
 
-        import_ray()
+        import_ray()  # installed?
         # The driver's copy, on its CPU: the weights are checked (and fetched) here, before any cluster
         # work, and its identity and recipe decide which outputs are complete. The workers build their own.
         bb = create_backbone(backbone, device="cpu", precision="fp32", weights=weights)
@@ -188,7 +199,7 @@ def extract_features(
         def note(self, text: str) -> None:
             progress.console.print(f"[cyan]note[/cyan] {text}", highlight=False)
 
-    with progress:
+    with progress, _interrupted_hint():
         if engine == "ray":
             from aqa_cli.ray_engine import RayOptions, extract_with_ray
 

@@ -141,12 +141,22 @@ class ExtractWorker:
                              decoder=s.decoder)
 
 
-def import_ray():
+def import_ray(local: bool = False):
+    """Ray, or a one-line error saying how to install it.
+
+    ``local``: for a new single-machine instance. Ray then binds every server to 127.0.0.1
+    (otherwise it swaps 127.0.0.1 for the machine's routable address); checked after start.
+    """
+    if local:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for Ray's own child processes
     try:
         import ray
+        from ray._private import ray_constants
     except ImportError:
         raise AqaError("--engine ray needs Ray, which is not installed",
                        fix=f"pip install 'aqa[ray]' (ray=={RAY_VERSION})") from None
+    if local:
+        ray_constants.ENABLE_RAY_CLUSTER = False  # read when the instance starts, whenever ray was imported
     return ray
 
 
@@ -271,12 +281,8 @@ class _RayRun:
 
     def __enter__(self) -> _RayRun:
         address = self.options.address or os.environ.get("RAY_ADDRESS") or None
-        if address is None:
-            # Ray replaces 127.0.0.1 by the machine's routable address unless it runs as a single-machine
-            # instance; in that mode every server binds to 127.0.0.1 only. Read when ray is first imported.
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         logging.getLogger("ray").setLevel(logging.ERROR)
-        ray = self.ray = import_ray()
+        ray = self.ray = import_ray(local=address is None)
         aqa_root = str(Path(__file__).resolve().parents[1])
         # Workers import this aqa (a checkout on the path, or the install), not whatever their node finds first.
         pythonpath = os.pathsep.join(p for p in (aqa_root, os.environ.get("PYTHONPATH", "")) if p)
@@ -291,6 +297,10 @@ class _RayRun:
                 ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(plan_cpus)),
                          num_gpus=torch.cuda.device_count(), object_store_memory=256 * 2**20, **kwargs)
                 self.started_here = True
+                ip = ray.util.get_node_ip_address()
+                if ip != "127.0.0.1":
+                    raise AqaError(f"the local Ray instance started on {ip}, not 127.0.0.1 only",
+                                   fix=f"pass --address of a cluster you started, or install ray=={RAY_VERSION}")
             else:
                 ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -382,7 +392,7 @@ class _RayRun:
                 except RayActorError as exc:
                     # The worker died holding this video: finished before the death, or to be done again.
                     inflight[self.actors[k].ready.remote()] = (k, None)
-                    outcome = self._after_death(i, job, stamp, attempts[i], exc, todo)
+                    outcome = self._after_death(k, i, job, stamp, attempts[i], exc, todo)
                     if outcome is None:
                         continue
                 else:
@@ -392,9 +402,11 @@ class _RayRun:
                     events.clips_done(outcome.clips)
                 events.video_finished(outcome)
 
-    def _after_death(self, i: int, job: VideoJob, stamp: tuple | None, attempt: int, exc: BaseException,
+    def _after_death(self, k: int, i: int, job: VideoJob, stamp: tuple | None, attempt: int, exc: BaseException,
                      todo: deque) -> ExtractOutcome | None:
         cause = _one_line(exc)
+        host, pid = self.pids.get(k, ("?", "?"))
+        worker = f"pid {pid} on {host}"
         s = self.settings
         if _stamp(job.sidecar_path) != stamp:  # its sidecar was (re)written after the video was handed out
             try:
@@ -409,7 +421,7 @@ class _RayRun:
             return ExtractOutcome(job.video, "failed", error=f"{job.video}: {attempt} Ray workers died extracting "
                                   f"it (last: {cause}) — check the file (`aqa extract-features` on it alone) "
                                   "and the workers' memory")
-        self.events.note(f"a Ray worker died extracting {job.video} ({cause[:120]}); "
+        self.events.note(f"a Ray worker ({worker}) died extracting {job.video}; "
                          f"retrying it (attempt {attempt + 1} of {MAX_ATTEMPTS})")
         todo.append((i, job))
         return None
