@@ -201,6 +201,7 @@ def extract_features(
 
     with progress, _interrupted_hint():
         if engine == "ray":
+            from aqa_cli.extract import ExtractSettings
             from aqa_cli.ray_engine import RayOptions, extract_with_ray
 
             events = Events()
@@ -208,9 +209,10 @@ def extract_features(
             progress.update(events.clips, description="clips")
             options = RayOptions(address=address, workers=workers, gpus_per_worker=gpus_per_worker,
                                  cpus_per_worker=cpus_per_worker, threads_per_worker=threads_per_worker)
-            outcomes = extract_with_ray(videos, bb, out_dir, options, backbone=backbone, weights=weights,
-                                        device=device, precision=precision, overwrite=overwrite,
-                                        batch_size=batch_size, show_pred=show_pred, decoder=decoder, events=events)
+            settings = ExtractSettings(batch_size=batch_size, show_pred=show_pred, decoder=decoder,
+                                       overwrite=overwrite)
+            outcomes = extract_with_ray(videos, bb, out_dir, options, settings, backbone=backbone, weights=weights,
+                                        device=device, precision=precision, events=events)
         else:
             outcomes = extract_to_folder(videos, bb, out_dir, overwrite=overwrite, batch_size=batch_size,
                                          show_pred=show_pred, decoder=decoder, events=Events())

@@ -382,16 +382,18 @@ class ExtractEvents:
         """Something the user should know that is not one video's outcome (a worker that died)."""
 
 
-def extract_video(
-    job: VideoJob,
-    backbone: Backbone,
-    *,
-    resume: bool = True,
-    batch_size: int = 4,
-    show_pred: bool = False,
-    decoder: str = "auto",
-    events: ExtractEvents | None = None,
-) -> ExtractOutcome:
+@dataclass(frozen=True)
+class ExtractSettings:
+    """How each video is extracted, the same in every engine (and in every worker of one)."""
+
+    batch_size: int = 4  # clips per forward pass
+    show_pred: bool = False  # also store the video-level Kinetics top-5
+    decoder: str = "auto"
+    overwrite: bool = False  # re-extract videos whose outputs are complete
+
+
+def extract_video(job: VideoJob, backbone: Backbone, settings: ExtractSettings, *, resume: bool = True,
+                  events: ExtractEvents | None = None) -> ExtractOutcome:
     """Extract one video into its two files: the per-video step of every engine.
 
     With ``resume``, complete outputs are kept (a ``skipped`` outcome). Otherwise the video is
@@ -401,10 +403,10 @@ def extract_video(
     events = events or ExtractEvents()
     try:
         if resume:
-            done = completed_outcome(job, backbone.identity(), backbone.recipe, show_pred)
+            done = completed_outcome(job, backbone.identity(), backbone.recipe, settings.show_pred)
             if done is not None:
                 return done
-        return _extract_one(job, backbone, batch_size, show_pred, decoder, events)
+        return _extract_one(job, backbone, settings, events)
     except AqaError as exc:
         return failed_outcome(job.video, exc)
 
@@ -421,6 +423,7 @@ def extract_to_folder(
     events: ExtractEvents | None = None,
 ) -> list[ExtractOutcome]:
     """Extract features for each video into ``out_dir``, one after the other (the local engine)."""
+    settings = ExtractSettings(batch_size=batch_size, show_pred=show_pred, decoder=decoder, overwrite=overwrite)
     events = events or ExtractEvents()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -431,23 +434,21 @@ def extract_to_folder(
         if isinstance(job, ExtractOutcome):  # its output name is taken
             outcome = job
         else:
-            outcome = extract_video(job, backbone, resume=not overwrite, batch_size=batch_size, show_pred=show_pred,
-                                    decoder=decoder, events=events)
+            outcome = extract_video(job, backbone, settings, resume=not overwrite, events=events)
         outcomes.append(outcome)
         events.video_finished(outcome)
     return outcomes
 
 
-def _extract_one(job: VideoJob, backbone: Backbone, batch_size: int, show_pred: bool, decoder: str,
-                 events: ExtractEvents) -> ExtractOutcome:
+def _extract_one(job: VideoJob, backbone: Backbone, settings: ExtractSettings, events: ExtractEvents) -> ExtractOutcome:
     video, npy, js = job.video, job.features_path, job.sidecar_path
     result = video_features(
-        video, backbone, batch_size=batch_size, decoder=decoder,
+        video, backbone, batch_size=settings.batch_size, decoder=settings.decoder,
         on_plan=lambda plan: events.video_planned(video, len(plan.clips)),
         on_batch=events.clips_done,
     )
     predictions = None
-    if show_pred:
+    if settings.show_pred:
         if result.logits is None:
             raise AqaError(f"backbone {backbone.name} has no classifier head", fix="drop --show-pred")
         predictions = top_predictions(result.logits, backbone.class_names)

@@ -38,8 +38,8 @@ from pathlib import Path
 from aqa_cli import __version__
 from aqa_cli.backbones import Backbone
 from aqa_cli.errors import AqaError
-from aqa_cli.extract import (ExtractEvents, ExtractOutcome, VideoJob, completed_outcome, extract_video,
-                             failed_outcome, plan_jobs)
+from aqa_cli.extract import (ExtractEvents, ExtractOutcome, ExtractSettings, VideoJob, completed_outcome,
+                             extract_video, failed_outcome, plan_jobs)
 from aqa_cli.fileio import process_alive, remove_stale_temporaries
 from aqa_cli.recipes import Recipe
 
@@ -72,9 +72,7 @@ class WorkerSettings:
     recipe: Recipe
     identity: dict
     threads: int
-    batch_size: int
-    show_pred: bool
-    decoder: str
+    extract: ExtractSettings
     cwd: str
     out_dir: str
     aqa_version: str
@@ -133,12 +131,10 @@ class ExtractWorker:
                 "device": None if bb is None else str(bb.device), "threads": torch.get_num_threads()}
 
     def extract(self, job: VideoJob) -> ExtractOutcome:
-        s = self.settings
         if self.backbone is None:
             raise RuntimeError(self.error)
         # The driver has decided that this video needs extracting: no second resume check here.
-        return extract_video(job, self.backbone, resume=False, batch_size=s.batch_size, show_pred=s.show_pred,
-                             decoder=s.decoder)
+        return extract_video(job, self.backbone, self.settings.extract, resume=False)
 
 
 def import_ray(local: bool = False):
@@ -210,22 +206,9 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:200]}"
 
 
-def extract_with_ray(
-    videos: Sequence[Path],
-    probe: Backbone,
-    out_dir: Path,
-    options: RayOptions,
-    *,
-    backbone: str,
-    weights: str | None,
-    device: str,
-    precision: str,
-    overwrite: bool = False,
-    batch_size: int = 4,
-    show_pred: bool = False,
-    decoder: str = "auto",
-    events: ExtractEvents | None = None,
-) -> list[ExtractOutcome]:
+def extract_with_ray(videos: Sequence[Path], probe: Backbone, out_dir: Path, options: RayOptions,
+                     settings: ExtractSettings, *, backbone: str, weights: str | None, device: str, precision: str,
+                     events: ExtractEvents | None = None) -> list[ExtractOutcome]:
     """Extract ``videos`` into ``out_dir`` on Ray workers; outcomes in input order, as the local engine's.
 
     ``probe`` is the backbone built on the driver (weights checked there, before any cluster work):
@@ -244,7 +227,7 @@ def extract_with_ray(
             outcomes[i] = job
             continue
         try:
-            done = None if overwrite else completed_outcome(job, identity, recipe, show_pred)
+            done = None if settings.overwrite else completed_outcome(job, identity, recipe, settings.show_pred)
         except AqaError as exc:
             done = failed_outcome(job.video, exc)
         if done is None:
@@ -258,11 +241,10 @@ def extract_with_ray(
 
         # The local engine's thread count unless told otherwise: the same GEMM splits, the same bytes.
         threads = options.threads_per_worker or torch.get_num_threads()
-        settings = WorkerSettings(backbone=backbone, weights=weights, device=device, precision=precision,
-                                  recipe=recipe, identity=identity, threads=threads, batch_size=batch_size,
-                                  show_pred=show_pred, decoder=decoder, cwd=os.getcwd(), out_dir=str(out_dir),
-                                  aqa_version=__version__)
-        with _RayRun(options, device, settings, events) as run:
+        worker = WorkerSettings(backbone=backbone, weights=weights, device=device, precision=precision,
+                                recipe=recipe, identity=identity, threads=threads, extract=settings, cwd=os.getcwd(),
+                                out_dir=str(out_dir), aqa_version=__version__)
+        with _RayRun(options, device, worker, events) as run:
             run.process(todo, outcomes)
     return [outcomes[i] for i in sorted(outcomes)]
 
@@ -410,7 +392,7 @@ class _RayRun:
         s = self.settings
         if _stamp(job.sidecar_path) != stamp:  # its sidecar was (re)written after the video was handed out
             try:
-                done = completed_outcome(job, s.identity, s.recipe, s.show_pred)
+                done = completed_outcome(job, s.identity, s.recipe, s.extract.show_pred)
             except AqaError:
                 done = None
             if done is not None:
