@@ -25,6 +25,7 @@ one outstanding call per worker: Ray schedules, places and restarts the actors.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -76,6 +77,16 @@ class WorkerSettings:
     cwd: str
     out_dir: str
     aqa_version: str
+    code: str  # code_fingerprint() of the driver's aqa_cli
+
+
+def code_fingerprint() -> str:
+    """sha256 over aqa_cli's Python sources: workers must run the driver's code, not just its version number."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 class ExtractWorker:
@@ -105,9 +116,9 @@ class ExtractWorker:
         from aqa_cli.backbones import create_backbone
 
         host = socket.gethostname()
-        if __version__ != s.aqa_version:
-            raise AqaError(f"node {host} runs aqa {__version__}, the driver {s.aqa_version}",
-                           fix="install the same aqa version on every node")
+        if code_fingerprint() != s.code:
+            raise AqaError(f"node {host} runs other aqa code ({__version__}, {Path(__file__).parent}) than the "
+                           f"driver ({s.aqa_version})", fix="install the same aqa on every node")
         # Relative input paths and the sidecars' "video" field mean what they mean on the driver.
         if Path(s.cwd).is_dir():
             os.chdir(s.cwd)
@@ -243,7 +254,7 @@ def extract_with_ray(videos: Sequence[Path], probe: Backbone, out_dir: Path, opt
         threads = options.threads_per_worker or torch.get_num_threads()
         worker = WorkerSettings(backbone=backbone, weights=weights, device=device, precision=precision,
                                 recipe=recipe, identity=identity, threads=threads, extract=settings, cwd=os.getcwd(),
-                                out_dir=str(out_dir), aqa_version=__version__)
+                                out_dir=str(out_dir), aqa_version=__version__, code=code_fingerprint())
         with _RayRun(options, device, worker, events) as run:
             run.process(todo, outcomes)
     return [outcomes[i] for i in sorted(outcomes)]
