@@ -212,6 +212,13 @@ def _stamp(path: Path) -> tuple | None:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text[:200]}"
@@ -247,6 +254,8 @@ def extract_with_ray(videos: Sequence[Path], probe: Backbone, out_dir: Path, opt
             outcomes[i] = done
     for i in sorted(outcomes):
         events.video_finished(outcomes[i])
+    # Largest file first: the run ends when its longest video does, so long videos must not start last.
+    todo = deque(sorted(todo, key=lambda item: -_size(item[1].video)))
     if todo:
         import torch
 
