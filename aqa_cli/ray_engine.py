@@ -49,6 +49,7 @@ RAY_VERSION = "2.60.0"  # the `aqa[ray]` pin
 # decoder would otherwise take down every worker in turn).
 MAX_ATTEMPTS = 3
 _POLL_S = 0.5  # ray.wait timeout: how quickly Ctrl-C is noticed
+_START_ATTEMPTS = 3
 
 
 @dataclass
@@ -122,8 +123,11 @@ class ExtractWorker:
         # Relative input paths and the sidecars' "video" field mean what they mean on the driver.
         if Path(s.cwd).is_dir():
             os.chdir(s.cwd)
-        # The local engine's thread count, not Ray's OMP_NUM_THREADS=<num_cpus>: see README, "bitwise".
+        # The local engine's thread count, not Ray's OMP_NUM_THREADS=<num_cpus>: README, "Same outputs".
         torch.set_num_threads(s.threads)
+        if not Path(s.out_dir).is_dir():  # the driver made it: this node does not share its filesystem
+            raise AqaError(f"the output folder {s.out_dir} is not on node {host}",
+                           fix="--out must be a folder every node shares, at the same path")
         # A restarted worker clears what its killed predecessor on this machine was writing.
         remove_stale_temporaries(s.out_dir)
         bb = create_backbone(s.backbone, device=s.device, precision=s.precision, weights=s.weights)
@@ -291,23 +295,33 @@ class _RayRun:
         runtime_env = {"env_vars": {"PYTHONPATH": pythonpath}}
         kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                       runtime_env=runtime_env)
-        try:
-            if address is None:
-                import torch
+        if address is None:
+            import torch
 
-                plan_cpus = (self.options.workers or 1) * self.options.cpus_per_worker
-                ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(plan_cpus)),
-                         num_gpus=torch.cuda.device_count(), object_store_memory=256 * 2**20, **kwargs)
-                self.started_here = True
-                ip = ray.util.get_node_ip_address()
-                if ip != "127.0.0.1":
-                    raise AqaError(f"the local Ray instance started on {ip}, not 127.0.0.1 only",
-                                   fix=f"pass --address of a cluster you started, or install ray=={RAY_VERSION}")
-            else:
-                ray.init(address=address, **kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise AqaError(f"cannot start or join Ray at {address or 'a new local instance'} ({_one_line(exc)})",
-                           fix="check --address / RAY_ADDRESS (`ray status` on the head node)") from None
+            plan_cpus = (self.options.workers or 1) * self.options.cpus_per_worker
+            kwargs.update(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(plan_cpus)),
+                          num_gpus=torch.cuda.device_count(), object_store_memory=256 * 2**20)
+        else:
+            kwargs.update(address=address)
+        # Ray gives a new node 30 s to register with its GCS; a loaded machine can miss that once.
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            try:
+                ray.init(**kwargs)
+                break
+            except Exception as exc:  # noqa: BLE001 - Ray raises bare Exception, RuntimeError or ConnectionError
+                ray.shutdown()
+                if attempt == _START_ATTEMPTS:
+                    raise AqaError(f"cannot start or join Ray at {address or 'a new local instance'} "
+                                   f"({_one_line(exc)})",
+                                   fix="check --address / RAY_ADDRESS (`ray status` on the head node); on a "
+                                       "loaded machine, retry") from None
+        self.started_here = address is None
+        if self.started_here:
+            ip = ray.util.get_node_ip_address()
+            if ip != "127.0.0.1":
+                ray.shutdown()
+                raise AqaError(f"the local Ray instance started on {ip}, not 127.0.0.1 only",
+                               fix=f"pass --address of a cluster you started, or install ray=={RAY_VERSION}")
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -351,7 +365,7 @@ class _RayRun:
         for k, actor in enumerate(self.actors):
             inflight[actor.ready.remote()] = (k, None)
         idle: list[int] = []
-        alive = set(range(len(self.actors)))
+        failed_starts: dict[int, int] = {}  # actor index → ready() calls lost in a row
 
         def dispatch() -> None:
             while idle and todo:
@@ -371,15 +385,16 @@ class _RayRun:
                 if work is None:  # a worker (re)started
                     try:
                         info = ray.get(ref)
-                    except ActorDiedError as exc:  # gone for good (its node left, or it cannot be placed)
-                        alive.discard(k)
-                        events.note(f"a Ray worker is gone ({_one_line(exc)})")
-                        continue
-                    except RayActorError:  # died while starting: Ray restarts it
+                    except RayActorError as exc:  # died while starting (killed, out of memory): Ray restarts it
+                        failed_starts[k] = failed_starts.get(k, 0) + 1
+                        if isinstance(exc, ActorDiedError) and failed_starts[k] >= MAX_ATTEMPTS:
+                            events.note(f"a Ray worker is gone for good ({_one_line(exc)[:160]})")
+                            continue
                         inflight[self.actors[k].ready.remote()] = (k, None)
                         continue
                     if info["error"]:
                         raise AqaError(info["error"])
+                    failed_starts[k] = 0
                     self.pids[k] = (info["host"], info["pid"])
                     idle.append(k)
                     continue
