@@ -181,3 +181,21 @@ def test_ray_options_need_the_ray_engine(tmp_path):
     video = write_video(tmp_path / "a.mp4", moving_scene(8, 64, 64), 25)
     res = run_aqa("extract-features", video, "--out", tmp_path / "out", "--workers", "2")
     assert res.returncode == 2 and "--workers only apply to --engine ray" in res.stderr
+
+
+def test_worker_plan_defaults_fit_the_cluster():
+    from aqa_cli.errors import AqaError
+    from aqa_cli.ray_engine import RayOptions, WorkerPlan, plan_workers
+
+    cpu_box = [{"CPU": 2.0}]
+    # CPU workers at the local engine's 2 threads: one worker on 2 cores, not two oversubscribed ones.
+    assert plan_workers(RayOptions(), "auto", cpu_box, threads=2) == WorkerPlan(1, 0.0, 1.0, 2)
+    assert plan_workers(RayOptions(threads_per_worker=1), "auto", cpu_box, threads=1).workers == 2
+    gpu_nodes = [{"CPU": 16.0, "GPU": 4.0}, {"CPU": 16.0, "GPU": 4.0}]
+    assert plan_workers(RayOptions(), "auto", gpu_nodes, threads=16) == WorkerPlan(8, 1.0, 1.0, 16)  # one per GPU
+    assert plan_workers(RayOptions(gpus_per_worker=0.25), "cuda", gpu_nodes, threads=4).workers == 32
+    assert plan_workers(RayOptions(), "cpu", gpu_nodes, threads=16) == WorkerPlan(2, 0.0, 1.0, 16)
+    with pytest.raises(AqaError, match="no GPU"):
+        plan_workers(RayOptions(), "cuda", cpu_box, threads=2)
+    with pytest.raises(AqaError, match="no node of the cluster has"):
+        plan_workers(RayOptions(cpus_per_worker=4), "cpu", cpu_box, threads=2)
