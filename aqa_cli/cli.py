@@ -7,6 +7,7 @@ Every command calls into the library (``aqa_cli.extract``, ``aqa_cli.weights``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
@@ -90,6 +91,16 @@ class _ClipRate(ProgressColumn):
         return Text(f"{rate:5.2f} clips/s", style="cyan")
 
 
+@contextlib.contextmanager
+def _interrupted_hint():
+    """Ctrl-C: say what is kept (typer turns KeyboardInterrupt into exit status 130 without a word)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/red]: complete videos are kept; run the same command again to resume")
+        raise typer.Exit(130) from None
+
+
 @app.command("extract-features")
 def extract_features(
     inputs: Annotated[list[Path], typer.Argument(help="Videos, or folders searched recursively by video extension.")],
@@ -111,21 +122,55 @@ def extract_features(
     stride: Annotated[Optional[int], typer.Option(min=1, help="Frames between clip starts (default: clip length).")] = None,
     leftover: Annotated[Optional[str], typer.Option(help="trim (published: equal head/tail) or pad (repeat last frame).")] = None,
     decoder: Annotated[str, typer.Option(help="auto (decord, else PyAV), decord or pyav.")] = "auto",
+    engine: Annotated[str, typer.Option(help="local (this process, one video after the other) or ray (Ray "
+                                             "workers, each holding a backbone; needs aqa[ray]).")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="--engine ray: join this running Ray cluster (also "
+                                                        "RAY_ADDRESS); --out must then be on a filesystem every "
+                                                        "node shares. Default: a new local instance on "
+                                                        "127.0.0.1, stopped at the end.")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="--engine ray: workers (default: one per GPU, "
+                                                               "or per --threads-per-worker CPUs).")] = None,
+    gpus_per_worker: Annotated[Optional[float], typer.Option(min=0, help="--engine ray: GPUs per worker "
+                                                                         "(default 1 when the cluster has GPUs "
+                                                                         "and --device is not cpu).")] = None,
+    cpus_per_worker: Annotated[float, typer.Option(min=0, help="--engine ray: CPUs Ray reserves per "
+                                                               "worker.")] = 1.0,
+    threads_per_worker: Annotated[Optional[int], typer.Option(min=1, help="--engine ray: torch threads per "
+                                                                          "worker (default: the local engine's, "
+                                                                          "for the same bytes).")] = None,
 ) -> None:
     """Extract one feature per clip for each video: DIR/<stem>.npy plus a JSON sidecar."""
     from aqa_cli.backbones import create_backbone
     from aqa_cli.extract import ExtractEvents, extract_to_folder
     from aqa_cli.video import find_videos
 
+    if engine not in ("local", "ray"):
+        raise AqaError(f"unknown engine {engine!r}", fix="use local or ray")
+    ray_only = {"--address": address, "--workers": workers, "--gpus-per-worker": gpus_per_worker,
+                "--threads-per-worker": threads_per_worker, "--cpus-per-worker": None if cpus_per_worker == 1.0 else 1}
+    if engine == "local" and any(v is not None for v in ray_only.values()):
+        given = ", ".join(k for k, v in ray_only.items() if v is not None)
+        raise AqaError(f"{given} only apply to --engine ray", fix="add --engine ray, or drop them")
+
     videos = find_videos(inputs)
     if not videos:
         raise AqaError("no videos found in " + ", ".join(map(str, inputs)), fix="pass video files or folders holding them")
     if leftover is not None and leftover not in ("trim", "pad"):
         raise AqaError(f"unknown leftover policy {leftover!r}", fix="use trim or pad")
-    bb = create_backbone(backbone, device=device, precision=precision, weights=weights)
+    if engine == "ray":
+        from aqa_cli.ray_engine import import_ray
+
+        import_ray()  # installed?
+        # The driver's copy, on its CPU: the weights are checked (and fetched) here, before any cluster
+        # work, and its identity and recipe decide which outputs are complete. The workers build their own.
+        bb = create_backbone(backbone, device="cpu", precision="fp32", weights=weights)
+        where = f"Ray workers ({device}, {precision})"
+    else:
+        bb = create_backbone(backbone, device=device, precision=precision, weights=weights)
+        where = f"{bb.device} ({precision})"
     # Non-overlapping clips stay non-overlapping when only the length changes.
     bb.recipe = bb.recipe.replace(clip_len=clip_len, stride=stride or clip_len, leftover=leftover)
-    err.print(f"[bold]{bb.name}[/bold] on {bb.device} ({precision}), recipe {bb.recipe.name}: "
+    err.print(f"[bold]{bb.name}[/bold] on {where}, recipe {bb.recipe.name}: "
               f"{bb.recipe.clip_len}-frame clips every {bb.recipe.stride} at {bb.recipe.timeline_fps or 'source'} fps")
 
     rate = _ClipRate(time.perf_counter())
@@ -154,9 +199,26 @@ def extract_features(
             for w in outcome.warnings:
                 progress.console.print(f"[yellow]warning[/yellow] {outcome.video}: {w}", highlight=False)
 
-    with progress:
-        outcomes = extract_to_folder(videos, bb, out_dir, overwrite=overwrite, batch_size=batch_size,
-                                     show_pred=show_pred, decoder=decoder, events=Events())
+        def note(self, text: str) -> None:
+            progress.console.print(f"[cyan]note[/cyan] {text}", highlight=False)
+
+    with progress, _interrupted_hint():
+        if engine == "ray":
+            from aqa_cli.extract import ExtractSettings
+            from aqa_cli.ray_engine import RayOptions, extract_with_ray
+
+            events = Events()
+            # Workers report whole videos: the clips bar counts the clips of finished videos.
+            progress.update(events.clips, description="clips")
+            options = RayOptions(address=address, workers=workers, gpus_per_worker=gpus_per_worker,
+                                 cpus_per_worker=cpus_per_worker, threads_per_worker=threads_per_worker)
+            settings = ExtractSettings(batch_size=batch_size, show_pred=show_pred, decoder=decoder,
+                                       overwrite=overwrite)
+            outcomes = extract_with_ray(videos, bb, out_dir, options, settings, backbone=backbone, weights=weights,
+                                        device=device, precision=precision, events=events)
+        else:
+            outcomes = extract_to_folder(videos, bb, out_dir, overwrite=overwrite, batch_size=batch_size,
+                                         show_pred=show_pred, decoder=decoder, events=Events())
 
     if show_pred:
         if bb.weights_source is not None and bb.class_names is None:

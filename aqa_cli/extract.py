@@ -6,9 +6,11 @@ once to the recipe's input size, and dropped as soon as the last clip that
 needs them has been assembled, so memory does not grow with video length.
 Decoding runs in a prefetch thread and overlaps the backbone's forward passes.
 
-:func:`extract_to_folder` writes ``<stem>.npy`` plus a ``<stem>.json`` sidecar
-per video, skips videos whose outputs are complete, and records failures
-without stopping the batch.
+:func:`extract_video` writes ``<stem>.npy`` plus a ``<stem>.json`` sidecar for
+one video, or keeps them when they are complete, and turns a bad video into a
+failed outcome. Both engines call it per video: :func:`extract_to_folder` (the
+local engine, one video after the other) and :mod:`aqa_cli.ray_engine` (Ray
+workers, each holding one backbone).
 """
 
 from __future__ import annotations
@@ -297,7 +299,36 @@ class ExtractOutcome:
     predictions: list[dict] | None = None
 
 
-def _is_complete(npy: Path, js: Path, backbone: Backbone, want_predictions: bool) -> dict | None:
+@dataclass(frozen=True)
+class VideoJob:
+    """One video, the unit of work of both engines: the file to read and the two files to write."""
+
+    video: Path
+    features_path: Path
+    sidecar_path: Path
+
+
+def plan_jobs(videos: Sequence[Path], out_dir: Path) -> list[VideoJob | ExtractOutcome]:
+    """A job per video, in order; a video whose output name an earlier one already took is a failed outcome."""
+    planned: list[VideoJob | ExtractOutcome] = []
+    claimed: dict[str, Path] = {}
+    for video in map(Path, videos):
+        npy, js = output_paths(video, out_dir)
+        if video.stem in claimed:
+            exc = AqaError(f"its output name {npy.name} is already used by {claimed[video.stem]}", path=video,
+                           fix="rename one of them, or extract them into different --out folders")
+            planned.append(failed_outcome(video, exc))
+            continue
+        claimed[video.stem] = video
+        planned.append(VideoJob(video, npy, js))
+    return planned
+
+
+def failed_outcome(video: Path, exc: AqaError) -> ExtractOutcome:
+    return ExtractOutcome(video, "failed", error=exc.message if exc.path else f"{video}: {exc.message}")
+
+
+def _is_complete(npy: Path, js: Path, identity: dict, recipe: Recipe, want_predictions: bool) -> dict | None:
     """The sidecar if ``npy``/``js`` are a finished extraction made the way we would make it now."""
     if not (npy.is_file() and js.is_file()):
         return None
@@ -308,11 +339,10 @@ def _is_complete(npy: Path, js: Path, backbone: Backbone, want_predictions: bool
         return None
     if "frames_file" in sidecar and not (npy.parent / sidecar["frames_file"]).is_file():
         return None
-    mine = backbone.identity()
     theirs = sidecar.get("backbone", {})
     # "weights" names more than the file for a backbone that is code around a model (pose: its plausibility gate).
-    if any(theirs.get(k) != mine[k] for k in ("name", "weights", "weights_sha256")) \
-            or sidecar.get("recipe") != backbone.recipe.to_dict():
+    if any(theirs.get(k) != identity[k] for k in ("name", "weights", "weights_sha256")) \
+            or sidecar.get("recipe") != recipe.to_dict():
         raise AqaError(
             f"was made by another backbone, weights or recipe ({theirs.get('name')})",
             path=js,
@@ -323,8 +353,22 @@ def _is_complete(npy: Path, js: Path, backbone: Backbone, want_predictions: bool
     return sidecar
 
 
+def completed_outcome(job: VideoJob, identity: dict, recipe: Recipe, want_predictions: bool) -> ExtractOutcome | None:
+    """A ``skipped`` outcome when the job's outputs are complete, else None.
+
+    Raises :class:`AqaError` when they were made by another backbone, weights or recipe.
+    ``identity`` is :meth:`Backbone.identity`: the check needs no model, so a driver that
+    only hands videos to workers decides what is complete.
+    """
+    done = _is_complete(job.features_path, job.sidecar_path, identity, recipe, want_predictions)
+    if done is None:
+        return None
+    return ExtractOutcome(job.video, "skipped", job.features_path, job.sidecar_path, clips=int(done["shape"][0]),
+                          predictions=done.get("predictions"))
+
+
 class ExtractEvents:
-    """Progress hooks for :func:`extract_to_folder`; the CLI overrides them to draw bars."""
+    """Progress hooks for the engines; the CLI overrides them to draw bars."""
 
     def video_started(self, video: Path) -> None: ...
 
@@ -333,6 +377,38 @@ class ExtractEvents:
     def clips_done(self, n: int) -> None: ...
 
     def video_finished(self, outcome: ExtractOutcome) -> None: ...
+
+    def note(self, text: str) -> None:
+        """Something the user should know that is not one video's outcome (a worker that died)."""
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """How each video is extracted, the same in every engine (and in every worker of one)."""
+
+    batch_size: int = 4  # clips per forward pass
+    show_pred: bool = False  # also store the video-level Kinetics top-5
+    decoder: str = "auto"
+    overwrite: bool = False  # re-extract videos whose outputs are complete
+
+
+def extract_video(job: VideoJob, backbone: Backbone, settings: ExtractSettings, *, resume: bool = True,
+                  events: ExtractEvents | None = None) -> ExtractOutcome:
+    """Extract one video into its two files: the per-video step of every engine.
+
+    With ``resume``, complete outputs are kept (a ``skipped`` outcome). Otherwise the video is
+    decoded, run through ``backbone`` and written to temporaries renamed into place, the
+    sidecar last. A video that cannot be extracted is a ``failed`` outcome, never an exception.
+    """
+    events = events or ExtractEvents()
+    try:
+        if resume:
+            done = completed_outcome(job, backbone.identity(), backbone.recipe, settings.show_pred)
+            if done is not None:
+                return done
+        return _extract_one(job, backbone, settings, events)
+    except AqaError as exc:
+        return failed_outcome(job.video, exc)
 
 
 def extract_to_folder(
@@ -346,45 +422,33 @@ def extract_to_folder(
     decoder: str = "auto",
     events: ExtractEvents | None = None,
 ) -> list[ExtractOutcome]:
-    """Extract features for each video into ``out_dir``; one failure never stops the batch."""
+    """Extract features for each video into ``out_dir``, one after the other (the local engine)."""
+    settings = ExtractSettings(batch_size=batch_size, show_pred=show_pred, decoder=decoder, overwrite=overwrite)
     events = events or ExtractEvents()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)
     outcomes: list[ExtractOutcome] = []
-    claimed: dict[str, Path] = {}
-    for video in videos:
-        video = Path(video)
-        events.video_started(video)
-        npy, js = output_paths(video, out_dir)
-        outcome = ExtractOutcome(video=video, status="failed")
-        try:
-            if video.stem in claimed:
-                raise AqaError(f"its output name {npy.name} is already used by {claimed[video.stem]}", path=video,
-                               fix="rename one of them, or extract them into different --out folders")
-            claimed[video.stem] = video
-            done = None if overwrite else _is_complete(npy, js, backbone, show_pred)
-            if done is not None:
-                outcome = ExtractOutcome(video, "skipped", npy, js, clips=int(done["shape"][0]),
-                                         predictions=done.get("predictions"))
-            else:
-                outcome = _extract_one(video, backbone, npy, js, batch_size, show_pred, decoder, events)
-        except AqaError as exc:
-            outcome.error = exc.message if exc.path else f"{video}: {exc.message}"
+    for job in plan_jobs(videos, out_dir):
+        events.video_started(job.video)
+        if isinstance(job, ExtractOutcome):  # its output name is taken
+            outcome = job
+        else:
+            outcome = extract_video(job, backbone, settings, resume=not overwrite, events=events)
         outcomes.append(outcome)
         events.video_finished(outcome)
     return outcomes
 
 
-def _extract_one(video: Path, backbone: Backbone, npy: Path, js: Path, batch_size: int, show_pred: bool,
-                 decoder: str, events: ExtractEvents) -> ExtractOutcome:
+def _extract_one(job: VideoJob, backbone: Backbone, settings: ExtractSettings, events: ExtractEvents) -> ExtractOutcome:
+    video, npy, js = job.video, job.features_path, job.sidecar_path
     result = video_features(
-        video, backbone, batch_size=batch_size, decoder=decoder,
+        video, backbone, batch_size=settings.batch_size, decoder=settings.decoder,
         on_plan=lambda plan: events.video_planned(video, len(plan.clips)),
         on_batch=events.clips_done,
     )
     predictions = None
-    if show_pred:
+    if settings.show_pred:
         if result.logits is None:
             raise AqaError(f"backbone {backbone.name} has no classifier head", fix="drop --show-pred")
         predictions = top_predictions(result.logits, backbone.class_names)

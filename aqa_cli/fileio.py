@@ -4,6 +4,11 @@ Every output is written to a temporary file in the destination folder and then
 renamed over the target. A rename within one filesystem is atomic, so a run
 killed at any moment leaves either the old file or the complete new one, never
 a half-written file that a later run could mistake for a finished one.
+
+A temporary's name carries its writer's pid and a tag of its host
+(``.aqa-tmp-<pid>.<host>-<name>``): folders on a shared filesystem are written
+by processes on several machines (``--engine ray``), and a pid only says
+whether a writer is alive on its own machine.
 """
 
 from __future__ import annotations
@@ -12,12 +17,15 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 TMP_MARK = ".aqa-tmp-"
+# Which machine wrote a temporary: 8 hex digits of the host name's sha256 (no "-", which separates the name).
+HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 @contextlib.contextmanager
@@ -25,7 +33,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it over ``target`` on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{TMP_MARK}{os.getpid()}-{target.name}")
+    tmp = target.with_name(f"{TMP_MARK}{os.getpid()}.{HOST_TAG}-{target.name}")
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
@@ -66,12 +74,15 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 def remove_stale_temporaries(folder: str | Path) -> int:
     """Delete temporaries left by killed runs in ``folder``; returns how many.
 
-    A temporary whose writer is still alive (another run sharing the folder) is kept.
+    A temporary whose writer is still alive (another run sharing the folder) is kept, and so is
+    one written on another machine, whose writer this machine cannot see.
     """
     n = 0
     for p in Path(folder).glob(f"{TMP_MARK}*"):
-        pid = p.name[len(TMP_MARK) :].split("-", 1)[0]
-        if pid.isdigit() and _alive(int(pid)):
+        pid, _, host = p.name[len(TMP_MARK) :].split("-", 1)[0].partition(".")
+        if host and host != HOST_TAG:
+            continue
+        if pid.isdigit() and process_alive(int(pid)):
             continue
         with contextlib.suppress(OSError):
             p.unlink()
@@ -79,7 +90,8 @@ def remove_stale_temporaries(folder: str | Path) -> int:
     return n
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
