@@ -39,7 +39,10 @@ out = Console()
 err = Console(stderr=True)
 
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda (auto picks the GPU when there is one).")]
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32 (reproduces the recipe), bf16 or fp16 (GPU).")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (bf16 where the device computes it natively and "
+                                                               "the backbone's bf16 drift is within bounds, else "
+                                                               "fp32), fp32 (reproduces the recipe), bf16 or fp16 "
+                                                               "(GPU). The sidecar records the one used.")]
 
 
 @app.command()
@@ -122,7 +125,8 @@ def extract_features(
     bb = create_backbone(backbone, device=device, precision=precision, weights=weights)
     # Non-overlapping clips stay non-overlapping when only the length changes.
     bb.recipe = bb.recipe.replace(clip_len=clip_len, stride=stride or clip_len, leftover=leftover)
-    err.print(f"[bold]{bb.name}[/bold] on {bb.device} ({precision}), recipe {bb.recipe.name}: "
+    err.print(f"[bold]{bb.name}[/bold] on {bb.device} ({bb.precision}"
+              f"{', chosen by auto' if precision == 'auto' else ''}), recipe {bb.recipe.name}: "
               f"{bb.recipe.clip_len}-frame clips every {bb.recipe.stride} at {bb.recipe.fps or 'source'} fps")
 
     rate = _ClipRate(time.perf_counter())

@@ -311,10 +311,13 @@ def _is_complete(npy: Path, js: Path, backbone: Backbone, want_predictions: bool
     mine = backbone.identity()
     theirs = sidecar.get("backbone", {})
     # "weights" names more than the file for a backbone that is code around a model (pose: its plausibility gate).
+    # Sidecars from before the precision was recorded were all made in fp32.
     if any(theirs.get(k) != mine[k] for k in ("name", "weights", "weights_sha256")) \
+            or theirs.get("precision", "fp32") != mine["precision"] \
             or sidecar.get("recipe") != backbone.recipe.to_dict():
         raise AqaError(
-            f"was made by another backbone, weights or recipe ({theirs.get('name')})",
+            f"was made by another backbone, weights, precision or recipe ({theirs.get('name')}, "
+            f"{theirs.get('precision', 'fp32')})",
             path=js,
             fix="pass --overwrite to replace it, or choose another --out folder",
         )

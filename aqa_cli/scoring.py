@@ -26,7 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from aqa_cli.backbones import PRECISIONS, Backbone, create_backbone, get_backbone_spec, resolve_device
+from aqa_cli.backbones import (
+    PRECISIONS, Backbone, create_backbone, get_backbone_spec, resolve_device, resolve_precision,
+)
 from aqa_cli.cache import FeatureCache, cache_key
 from aqa_cli.errors import AqaError, FeatureError, VideoError, WeightsError
 from aqa_cli.extract import load_features, make_sidecar, read_sidecar, video_features
@@ -289,7 +291,10 @@ class Scorer:
         self.batch_size = batch_size
         self.decoder = decoder
         self.events = events or ScoreEvents()
-        self._factory = backbone_factory or (lambda name: create_backbone(name, device=device, precision=precision))
+        # Each backbone's precision, resolved once (``auto`` becomes what it runs at): the cache key records it.
+        self.precisions: dict[str, str] = {}
+        self._factory = backbone_factory or (
+            lambda name: create_backbone(name, device=device, precision=self.precision_for(name)))
         self._backbones: dict[str, Backbone] = {}
         self.stats = {"backbone_runs": 0, "cache_hits": 0, "backbones_built": 0}
         self.backbone_override = backbone
@@ -363,6 +368,12 @@ class Scorer:
             cv_spearman=h.cv_spearman, members=h.members,
         )
 
+    def precision_for(self, backbone: str) -> str:
+        """The precision ``backbone`` runs at for this scorer (``auto`` resolved)."""
+        if backbone not in self.precisions:
+            self.precisions[backbone] = resolve_precision(self.precision, self.device, get_backbone_spec(backbone))
+        return self.precisions[backbone]
+
     def _backbone(self, name: str) -> Backbone:
         if name not in self._backbones:
             self.events.backbone_loading(name)
@@ -427,7 +438,8 @@ class Scorer:
             weights_sha = (None if spec.factory is not None else recorded_sha256(spec.weights)) \
                 or self._backbone(backbone).weights_sha256
             key = cache_key(video_sha256=video_sha, backbone=backbone, weights=spec.weights,
-                            weights_sha256=weights_sha, recipe=spec.recipe.to_dict(), precision=self.precision)
+                            weights_sha256=weights_sha, recipe=spec.recipe.to_dict(),
+                            precision=self.precision_for(backbone))
             hit = self.cache.get(key)
             if hit is not None:
                 features, sidecar = hit

@@ -17,6 +17,7 @@ renaming plus layout transposes.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -67,15 +68,21 @@ def _as_f_pad(pads: list[tuple[int, int]]) -> list[int]:
     return out
 
 
+@functools.cache
+def _mkldnn_bf16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             stride: Triple, padding: Triple) -> torch.Tensor:
     # PyTorch sends a CPU conv3d to oneDNN only when batch*C*T*H is large, so
     # with one clip per call the 3x3x3 convs of Mixed_4*/5* fall back to a slow
     # im2col path (about 2x slower, ~10% of the whole forward).  For CPU float32
     # inference call oneDNN directly; training and other devices go the normal way.
+    # bf16 takes the same route where oneDNN has a bf16 convolution (on other CPUs it refuses).
     if (
         x.device.type == "cpu"
-        and x.dtype == torch.float32
+        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _mkldnn_bf16()))
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
@@ -311,7 +318,7 @@ class InceptionI3d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> I3DOutput:
         fmap = self.forward_features(x)
-        features = fmap.mean(dim=(2, 3, 4))
+        features = fmap.float().mean(dim=(2, 3, 4))  # averaged in float32 whatever the model's dtype
         return I3DOutput(features=features, logits=self.Logits(fmap))
 
 
@@ -476,4 +483,5 @@ BACKBONE = BackboneSpec(
     recipe=I3D_RECIPE,
     feature_dim=1024,
     build=_build,
+    cudnn_benchmark=True,
 )
