@@ -104,7 +104,10 @@ def extract_features(
                                                         "list`); default: the backbone's own.")] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
-    batch_size: Annotated[int, typer.Option(min=1, help="Clips per forward pass.")] = 4,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Clips per forward pass (default: 4 on a CPU; "
+                                                                  "on a GPU as many as its free memory holds).")] = None,
+    decode_workers: Annotated[Optional[int], typer.Option(min=1, help="Videos decoded at a time, ahead of the "
+                                                                      "backbone (default: 1 on a CPU, 4 on a GPU).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Re-extract videos whose outputs are complete.")] = False,
     show_pred: Annotated[bool, typer.Option("--show-pred", help="Print the Kinetics top-5 and store it.")] = False,
     clip_len: Annotated[Optional[int], typer.Option(min=1, help="Frames per clip (recipe default: 32).")] = None,
@@ -156,8 +159,10 @@ def extract_features(
                 progress.console.print(f"[yellow]warning[/yellow] {outcome.video}: {w}", highlight=False)
 
     with progress:
+        # On a GPU decoding is the slower side: several videos are decoded at once, ahead of the backbone.
+        workers = decode_workers or (4 if bb.device.type == "cuda" else 1)
         outcomes = extract_to_folder(videos, bb, out_dir, overwrite=overwrite, batch_size=batch_size,
-                                     show_pred=show_pred, decoder=decoder, events=Events())
+                                     show_pred=show_pred, decoder=decoder, events=Events(), decode_workers=workers)
 
     if show_pred:
         if bb.class_names is None:
@@ -208,7 +213,9 @@ def score(
                                                                 "show how far they agree.")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the feature cache "
                                                               "($AQA_HOME/features).")] = False,
-    batch_size: Annotated[int, typer.Option(min=1, help="Clips per backbone forward pass.")] = 4,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Clips per backbone forward pass (default: 4 on "
+                                                                  "a CPU; on a GPU as many as its free memory "
+                                                                  "holds).")] = None,
     decoder: Annotated[str, typer.Option(help="auto (decord, else PyAV), decord or pyav.")] = "auto",
 ) -> None:
     """Score videos: the total on the sport's scale, and each clip's weight and score behind it."""

@@ -4,7 +4,8 @@
 keeps only the small per-clip outputs. Frames are decoded in order, shrunk at
 once to the recipe's input size, and dropped as soon as the last clip that
 needs them has been assembled, so memory does not grow with video length.
-Decoding runs in a prefetch thread and overlaps the backbone's forward passes.
+Decoding runs in a background thread (:class:`ClipStream`) and overlaps the backbone's forward
+passes; with ``decode_workers`` > 1 the next videos of a batch are decoded ahead as well.
 
 :func:`extract_to_folder` writes ``<stem>.npy`` plus a ``<stem>.json`` sidecar
 per video, skips videos whose outputs are complete, and records failures
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,39 +89,69 @@ def iter_clip_batches(
 _END = object()
 
 
-def prefetch(items: Iterator, depth: int = 2) -> Iterator:
-    """Run ``items`` in a background thread, ``depth`` items ahead; exceptions are re-raised here."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+class ClipStream:
+    """One video opened, planned and decoded into clip batches by a background thread, started at once.
 
-    def work() -> None:
+    Started ahead of time for the next videos of a batch (``decode_workers``), it decodes them
+    while the backbone still works on the current one. ``depth`` bounds how many batches wait in
+    memory. :meth:`plan` blocks until the clips are known; iterating yields ``(clips, uint8 batch)``;
+    :meth:`close` stops the thread (also on an error, or when the consumer stops early).
+    """
+
+    def __init__(self, video: str | Path, recipe: Recipe, batch_size: int, *, decoder: str = "auto",
+                 depth: int = 2):
+        self.video = Path(video)
+        self._planned = threading.Event()
+        self._plan: ClipPlan | None = None
+        self._info: VideoInfo | None = None
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._work, args=(recipe, batch_size, decoder),
+                                        name=f"aqa-decode-{self.video.name}", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _work(self, recipe: Recipe, batch_size: int, decoder: str) -> None:
         try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(_END)
+            with open_video(self.video, decoder=decoder) as reader:
+                self._plan, self._info = plan_for(reader, recipe), reader.info
+                self._planned.set()
+                for item in iter_clip_batches(reader, self._plan, recipe, batch_size):
+                    if not self._put(item):
+                        return
+            self._put(_END)
         except BaseException as exc:  # noqa: BLE001 - handed over to the consumer
-            q.put(exc)
+            self._error = exc
+            self._planned.set()
+            self._put(exc)
 
-    thread = threading.Thread(target=work, name="aqa-decode", daemon=True)
-    thread.start()
-    try:
+    def plan(self) -> tuple[ClipPlan, VideoInfo]:
+        self._planned.wait()
+        if self._plan is None:
+            raise self._error  # opening or planning failed
+        return self._plan, self._info
+
+    def __iter__(self) -> Iterator[tuple[list[Clip], np.ndarray]]:
         while True:
-            item = q.get()
+            item = self._q.get()
             if item is _END:
                 return
             if isinstance(item, BaseException):
                 raise item
             yield item
-    finally:
-        stop.set()
-        thread.join(timeout=5)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def plan_for(reader: VideoReader, recipe: Recipe) -> ClipPlan:
@@ -139,26 +170,32 @@ def video_features(
     video: str | Path,
     backbone: Backbone,
     *,
-    batch_size: int = 4,
+    batch_size: int | None = 4,
     decoder: str = "auto",
     on_plan=None,
     on_batch=None,
+    stream: ClipStream | None = None,
 ) -> VideoFeatures:
-    """Decode ``video`` and run every clip through ``backbone``.
+    """Decode ``video`` and run every clip through ``backbone``, ``batch_size`` clips at a time
+    (None: :meth:`Backbone.auto_batch_size`).
 
     ``on_plan(plan)`` is called once the clips are known and ``on_batch(n)``
-    after each forward pass, for progress display.
+    after each forward pass, for progress display. ``stream``: the video's
+    :class:`ClipStream`, when one was started ahead (it is closed here).
     """
     recipe = backbone.recipe
-    with open_video(video, decoder=decoder) as reader:
-        plan = plan_for(reader, recipe)
+    if batch_size is None:
+        batch_size = backbone.auto_batch_size()
+    stream = stream or ClipStream(video, recipe, batch_size, decoder=decoder)
+    try:
+        plan, info = stream.plan()
         if on_plan is not None:
             on_plan(plan)
         feats: list[np.ndarray] = []
         logits: list[np.ndarray] = []
         per_frame: list[dict[str, np.ndarray]] = []
         backbone.reset()  # a backbone that follows a person across clips starts afresh with each video
-        for clips, batch in prefetch(iter_clip_batches(reader, plan, recipe, batch_size)):
+        for clips, batch in stream:
             f, lg, fr = backbone.run(batch)
             feats.append(f)
             if lg is not None:
@@ -175,12 +212,14 @@ def video_features(
             features=features,
             logits=np.concatenate(logits).astype(np.float32, copy=False) if logits else None,
             plan=plan,
-            info=reader.info,
+            info=info,
             recipe=recipe,
             backbone=backbone.identity(),
             frames={k: np.concatenate([fr[k] for fr in per_frame]) for k in per_frame[0]} if per_frame else None,
             frame_outputs=dict(backbone.frame_outputs),
         )
+    finally:
+        stream.close()
 
 
 def top_predictions(logits: np.ndarray, class_names: Sequence[str] | None, k: int = 5) -> list[dict]:
@@ -344,47 +383,87 @@ def extract_to_folder(
     out_dir: Path,
     *,
     overwrite: bool = False,
-    batch_size: int = 4,
+    batch_size: int | None = 4,
     show_pred: bool = False,
     decoder: str = "auto",
     events: ExtractEvents | None = None,
+    decode_workers: int = 1,
 ) -> list[ExtractOutcome]:
-    """Extract features for each video into ``out_dir``; one failure never stops the batch."""
+    """Extract features for each video into ``out_dir``; one failure never stops the batch.
+
+    ``decode_workers`` videos are decoded at a time: the current one and the next ones, ahead of
+    the backbone (worth it on a GPU, where decoding is the slower side; each holds at most two
+    batches in memory).
+    """
     events = events or ExtractEvents()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)
     outcomes: list[ExtractOutcome] = []
     claimed: dict[str, Path] = {}
-    for video in videos:
-        video = Path(video)
-        events.video_started(video)
-        npy, js = output_paths(video, out_dir)
-        outcome = ExtractOutcome(video=video, status="failed")
-        try:
-            if video.stem in claimed:
-                raise AqaError(f"its output name {npy.name} is already used by {claimed[video.stem]}", path=video,
-                               fix="rename one of them, or extract them into different --out folders")
-            claimed[video.stem] = video
-            done = None if overwrite else _is_complete(npy, js, backbone, show_pred)
-            if done is not None:
-                outcome = ExtractOutcome(video, "skipped", npy, js, clips=int(done["shape"][0]),
-                                         predictions=done.get("predictions"))
-            else:
-                outcome = _extract_one(video, backbone, npy, js, batch_size, show_pred, decoder, events)
-        except AqaError as exc:
-            outcome.error = exc.message if exc.path else f"{video}: {exc.message}"
-        outcomes.append(outcome)
-        events.video_finished(outcome)
+    videos = [Path(v) for v in videos]
+    ahead: dict[int, ClipStream] = {}
+    if batch_size is None:
+        batch_size = backbone.auto_batch_size()  # once for the batch: every stream cuts the same batches
+
+    def start_ahead(i: int) -> None:
+        # Decode the next videos now, unless they will be skipped or refused anyway.
+        for j in range(i + 1, min(i + decode_workers, len(videos))):
+            if j in ahead or videos[j].stem in claimed or any(v.stem == videos[j].stem for v in videos[i + 1:j]):
+                continue
+            try:
+                npy_j, js_j = output_paths(videos[j], out_dir)
+                if not overwrite and _is_complete(npy_j, js_j, backbone, show_pred) is not None:
+                    continue
+            except AqaError:
+                continue
+            ahead[j] = ClipStream(videos[j], backbone.recipe, batch_size, decoder=decoder)
+
+    try:
+        for index, video in enumerate(videos):
+            outcome = _extract_or_skip(index, video, backbone, out_dir, claimed, overwrite, batch_size, show_pred,
+                                       decoder, events, ahead, start_ahead)
+            outcomes.append(outcome)
+            events.video_finished(outcome)
+    finally:
+        for stream in ahead.values():
+            stream.close()
     return outcomes
 
 
+def _extract_or_skip(index: int, video: Path, backbone: Backbone, out_dir: Path, claimed: dict[str, Path],
+                     overwrite: bool, batch_size: int, show_pred: bool, decoder: str, events: ExtractEvents,
+                     ahead: dict[int, ClipStream], start_ahead: Callable[[int], None]) -> ExtractOutcome:
+    events.video_started(video)
+    npy, js = output_paths(video, out_dir)
+    outcome = ExtractOutcome(video=video, status="failed")
+    try:
+        if video.stem in claimed:
+            raise AqaError(f"its output name {npy.name} is already used by {claimed[video.stem]}", path=video,
+                           fix="rename one of them, or extract them into different --out folders")
+        claimed[video.stem] = video
+        done = None if overwrite else _is_complete(npy, js, backbone, show_pred)
+        if done is not None:
+            outcome = ExtractOutcome(video, "skipped", npy, js, clips=int(done["shape"][0]),
+                                     predictions=done.get("predictions"))
+        else:
+            stream = ahead.pop(index, None)
+            start_ahead(index)
+            outcome = _extract_one(video, backbone, npy, js, batch_size, show_pred, decoder, events, stream)
+    except AqaError as exc:
+        outcome.error = exc.message if exc.path else f"{video}: {exc.message}"
+    finally:
+        if index in ahead:  # started ahead, then not extracted here after all
+            ahead.pop(index).close()
+    return outcome
+
+
 def _extract_one(video: Path, backbone: Backbone, npy: Path, js: Path, batch_size: int, show_pred: bool,
-                 decoder: str, events: ExtractEvents) -> ExtractOutcome:
+                 decoder: str, events: ExtractEvents, stream: ClipStream | None = None) -> ExtractOutcome:
     result = video_features(
         video, backbone, batch_size=batch_size, decoder=decoder,
         on_plan=lambda plan: events.video_planned(video, len(plan.clips)),
-        on_batch=events.clips_done,
+        on_batch=events.clips_done, stream=stream,
     )
     predictions = None
     if show_pred:

@@ -278,7 +278,7 @@ class Scorer:
     """
 
     def __init__(self, choice: HeadChoice, *, backbone: str | None = None, device: str = "auto",
-                 precision: str = "fp32", cache: FeatureCache | None = None, batch_size: int = 4,
+                 precision: str = "fp32", cache: FeatureCache | None = None, batch_size: int | None = 4,
                  decoder: str = "auto", backbone_factory: BackboneFactory | None = None,
                  events: ScoreEvents | None = None):
         if precision not in PRECISIONS:

@@ -551,3 +551,61 @@ def test_weights_list_labels_and_show_pred(registry, shared):
 def test_weights_of_another_architecture_are_refused_for_a_backbone(registry):
     with pytest.raises(Exception, match="do not fit the vst backbone"):
         create_backbone("vst", device="cpu", weights="i3d-kinetics400")
+
+
+# ------------------------------------------------------------------------------------------ precision, decoding
+
+def test_auto_precision_is_resolved_and_recorded_in_the_sidecar(registry, monkeypatch):
+    from aqa_cli.synthetic import moving_scene, write_video
+
+    import_file("vst-test", save_mmcv(registry / "official.pth", random_official_state(SMALL, seed=6)))
+    video = write_video(registry / "v.mp4", moving_scene(20, 120, 160), 25)
+    reg = backbones._registry()
+    within = replace(TEST_BACKBONE, bf16_within_bounds=True)
+    runner = CliRunner()
+    for native, spec, want in ((False, within, "fp32"), (True, within, "bf16"), (True, TEST_BACKBONE, "fp32")):
+        monkeypatch.setattr(backbones, "native_bf16", lambda device, native=native: native)
+        monkeypatch.setattr(backbones, "_registry", lambda spec=spec: {**reg, "vst-test": spec})
+        assert backbones.resolve_precision("auto", torch.device("cpu"), spec) == want
+        out = registry / f"out-{native}-{spec.bf16_within_bounds}"
+        res = runner.invoke(app, ["extract-features", str(video), "--out", str(out), "--backbone", "vst-test",
+                                  "--precision", "auto"], env={"COLUMNS": "200"})
+        assert res.exit_code == 0, res.output
+        assert f"({want}, chosen by auto)" in res.output
+        side = json.loads((out / "v.json").read_text())
+        assert side["backbone"]["precision"] == want  # what ran, never "auto"
+    # Features made at another precision are not taken as done: the user is told, and --overwrite replaces them.
+    res = runner.invoke(app, ["extract-features", str(video), "--out", str(registry / "out-True-True"),
+                              "--backbone", "vst-test", "--precision", "fp32"], env={"COLUMNS": "200"})
+    assert res.exit_code == 1 and "precision" in res.output and "bf16" in res.output
+    with pytest.raises(backbones.AqaError, match="unknown precision"):
+        backbones.resolve_precision("fp8", torch.device("cpu"), TEST_BACKBONE)
+
+
+def test_cpu_bf16_detection_follows_the_cpu_flags():
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), None) \
+        if Path("/proc/cpuinfo").is_file() else None
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo flags on this system")
+    native = bool({"avx512_bf16", "amx_bf16"} & set(flags.split(":", 1)[1].split()))
+    assert backbones.cpu_has_native_bf16() == native
+    assert backbones.native_bf16(torch.device("cpu")) == native
+
+
+def test_videos_decoded_ahead_give_the_same_features(registry):
+    from aqa_cli.extract import extract_to_folder
+    from aqa_cli.synthetic import moving_scene, write_video
+
+    import_file("vst-test", save_mmcv(registry / "official.pth", random_official_state(SMALL, seed=7)))
+    bb = create_backbone("vst-test", device="cpu")
+    videos = [write_video(registry / f"v{i}.mp4", moving_scene(20 + 8 * i, 120, 160, seed=i), 25) for i in range(3)]
+    (registry / "broken.mp4").write_bytes(b"not a video")
+    videos.insert(1, registry / "broken.mp4")
+    one = extract_to_folder(videos, bb, registry / "one", decode_workers=1, batch_size=2)
+    three = extract_to_folder(videos, bb, registry / "three", decode_workers=3, batch_size=2)
+    assert [o.status for o in one] == [o.status for o in three] == ["extracted", "failed", "extracted", "extracted"]
+    assert three[1].error == one[1].error and "broken.mp4" in three[1].error
+    for a, b in zip(one, three):
+        if a.status == "extracted":
+            # The same instance, the same clips: bitwise, whichever thread decoded them.
+            assert np.array_equal(np.load(a.features_path), np.load(b.features_path))

@@ -97,6 +97,7 @@ class Backbone:
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.recipe = spec.recipe
         self._pinned: torch.Tensor | None = None
+        self._clip_bytes: int | None = None
 
     @property
     def name(self) -> str:
@@ -130,6 +131,25 @@ class Backbone:
         feats = out.features.float().cpu().numpy()
         logits = None if out.logits is None else out.logits.float().cpu().numpy()
         return feats, logits
+
+    def auto_batch_size(self, cpu_default: int = 4, cap: int = 64) -> int:
+        """Clips per forward pass when none is asked for: on a GPU, as many as 80% of its free memory holds.
+
+        The memory of one clip is measured once, with a forward pass of one blank clip (the peak
+        the allocator saw beyond what was already in use); a batch is taken to need that per clip.
+        On a CPU the batch size does not change the speed much: ``cpu_default``.
+        """
+        if self.device.type != "cuda":
+            return cpu_default
+        if self._clip_bytes is None:
+            h, w = self.recipe.input_size
+            torch.cuda.synchronize(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self(np.zeros((1, self.recipe.clip_len, h, w, 3), dtype=np.uint8))
+            self._clip_bytes = max(torch.cuda.max_memory_allocated(self.device) - base, 1)
+        free, _total = torch.cuda.mem_get_info(self.device)
+        return int(max(1, min(cap, 0.8 * free // self._clip_bytes)))
 
     # Per-frame outputs. Most backbones have none; the pose backbone also returns each frame's landmarks,
     # which extraction saves beside the features (the sidecar's companion file).

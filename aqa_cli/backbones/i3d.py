@@ -41,6 +41,7 @@ __all__ = [
     "InceptionI3d",
     "state_dict_from_deepmind",
     "fuse_batchnorm",
+    "emulate_bf16",
     "load_deepmind_i3d",
 ]
 
@@ -407,6 +408,31 @@ def fuse_batchnorm(model: InceptionI3d) -> InceptionI3d:
         conv.bias = nn.Parameter(bn.bias + (old_bias - bn.running_mean) * inv_std)
         unit.bn = nn.Identity()
     return fused
+
+
+def _round_bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).to(t.dtype)
+
+
+@torch.no_grad()
+def emulate_bf16(model: InceptionI3d) -> InceptionI3d:
+    """A float32 copy of ``model`` that computes what its native bf16 path computes, on any CPU.
+
+    For measuring bf16 drift where the CPU has no bf16 units (there a real bf16 convolution runs
+    through a fallback far too slow to measure with). The native path stores weights, inputs and
+    every unit's output in bf16 and accumulates each convolution in float32; here the weights are
+    rounded to bf16 once, and every unit's input and output is rounded on the way (max pooling,
+    ReLU and concatenation commute with rounding, so nothing else needs it). What remains different
+    is the order of the float32 accumulation.
+    """
+    emulated = copy.deepcopy(model).eval()
+    for p in emulated.parameters():
+        p.copy_(_round_bf16(p))
+    for unit in emulated.modules():
+        if isinstance(unit, Unit3D):
+            unit.register_forward_pre_hook(lambda _m, args: (_round_bf16(args[0]),))
+            unit.register_forward_hook(lambda _m, _args, out: _round_bf16(out))
+    return emulated
 
 
 def load_deepmind_i3d(path: str | os.PathLike[str], *, fuse: bool = True) -> InceptionI3d:
