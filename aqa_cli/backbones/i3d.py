@@ -510,4 +510,7 @@ BACKBONE = BackboneSpec(
     feature_dim=1024,
     build=_build,
     cudnn_benchmark=True,
+    # bench/bench_precision.py, real weights, bf16 emulated on an AVX2 CPU: per-clip cosine >= 0.99993 on
+    # 22 clips, top-1 unchanged on every clip, the demo score moved by 0.038 (bound 0.05).
+    bf16_within_bounds=True,
 )
