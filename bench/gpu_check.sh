@@ -19,18 +19,19 @@ mkdir -p "$DEST"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 [ -z "${AQA_HOME:-}" ] && [ -d bench/out/aqa-home/weights ] && export AQA_HOME="$PWD/bench/out/aqa-home"
 
+# Time caps: tight on the GPU machine (its minutes are counted), loose for the dry run on a shared CPU.
 if [ "${1:-}" = "--dry-run" ]; then
-    DEVICE=cpu; BENCH_ARGS=(--dry-run)
+    DEVICE=cpu; BENCH_ARGS=(--dry-run); CAP_TESTS=600; CAP_BENCH=900
 else
-    DEVICE=cuda; BENCH_ARGS=(--seconds 180 --batches 1 8 32)
+    DEVICE=cuda; BENCH_ARGS=(--seconds 180 --batches 1 8 32); CAP_TESTS=150; CAP_BENCH=420
     "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' \
         || { echo "gpu_check: torch sees no CUDA device; run it on a GPU machine (or pass --dry-run)" >&2; exit 2; }
     nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv | tee "$DEST/nvidia-smi.txt"
 fi
 status=0
 echo "== tests marked gpu" >&2
-timeout 150 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$DEST/gpu_tests.log" || status=1
+timeout "$CAP_TESTS" "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$DEST/gpu_tests.log" || status=1
 echo "== bench_gpu.py" >&2
-timeout 420 "$PY" bench/bench_gpu.py --device "$DEVICE" --out "$DEST" "${BENCH_ARGS[@]}" 2>&1 \
+timeout "$CAP_BENCH" "$PY" bench/bench_gpu.py --device "$DEVICE" --out "$DEST" "${BENCH_ARGS[@]}" 2>&1 \
     | tee "$DEST/bench_gpu.log" || status=1
 exit $status
