@@ -22,6 +22,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # Time caps: tight on the GPU machine (its minutes are counted), loose for the dry run on a shared CPU.
 if [ "${1:-}" = "--dry-run" ]; then
     DEVICE=cpu; BENCH_ARGS=(--dry-run); CAP_TESTS=600; CAP_BENCH=900
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # a shared CPU: no thread team waiting on a preempted partner
 else
     DEVICE=cuda; BENCH_ARGS=(--seconds 180 --batches 1 8 32); CAP_TESTS=150; CAP_BENCH=420
     "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' \
