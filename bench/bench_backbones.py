@@ -112,6 +112,7 @@ def i3d_models(device, native_bf16: bool, dry_run: bool):
 
 
 def vst_flops(model, x) -> float:
+    """FLOPs of one forward (it doubles as the reference's warm-up)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -142,14 +143,15 @@ def i3d_flops(model, x) -> float:
     return total[0]
 
 
-def time_forward(model, x, device) -> float:
+def time_forward(model, x, device):
+    """(seconds, output features) of one forward."""
     import torch
 
     with torch.inference_mode():
         t = time.perf_counter()
-        model(x)
+        out = model(x)
         _sync(device)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, out.features.float()
 
 
 def model_only(name: str, device, native: bool, batch: int, rounds: int, dry_run: bool) -> dict:
@@ -162,7 +164,8 @@ def model_only(name: str, device, native: bool, batch: int, rounds: int, dry_run
         ref, modes = i3d_models(device, native, dry_run)
         size, ref_name = (16, 112) if dry_run else (32, 224), "plain fp32"
     x = torch.randn(batch, 3, size[0], size[1], size[1], device=device)
-    flops = (vst_flops if name == "vst" else i3d_flops)(ref, x[:1])
+    flops = (vst_flops if name == "vst" else i3d_flops)(ref, x)  # also the reference's warm-up
+    flops /= batch
     all_modes = {ref_name: (ref, torch.float32), **modes}
     inputs = {}
     for mode, (model, dtype) in all_modes.items():
@@ -170,15 +173,18 @@ def model_only(name: str, device, native: bool, batch: int, rounds: int, dry_run
         if "channels_last_3d" in mode:
             xi = xi.contiguous(memory_format=torch.channels_last_3d)
         inputs[mode] = xi
-        time_forward(model, xi, device)  # warm-up: allocator growth, kernel choice, the mask caches
+        if mode != ref_name:
+            time_forward(model, xi, device)  # warm-up: allocator growth, kernel choice, the mask caches
     times: dict[str, list[float]] = {m: [] for m in all_modes}
-    for _ in range(rounds):
+    outputs = {}
+    for round_no in range(rounds):
         for mode, (model, _) in all_modes.items():
-            times[mode].append(time_forward(model, inputs[mode], device) / batch)
-    with torch.inference_mode():
-        want = ref(inputs[ref_name]).features.float()
-        drift = {m: float(torch.nn.functional.cosine_similarity(model(inputs[m]).features.float(), want).min())
-                 for m, (model, _) in all_modes.items()}
+            took, outputs[mode] = time_forward(model, inputs[mode], device)
+            times[mode].append(took / batch)
+            print(f"  round {round_no + 1} {name} {mode}: {took / batch:.2f} s/clip (load average "
+                  f"{os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+    drift = {m: float(torch.nn.functional.cosine_similarity(outputs[m], outputs[ref_name]).min())
+             for m in all_modes}
     best = {m: min(t) for m, t in times.items()}
     return {"reference": ref_name, "flops_per_clip": flops, "batch": batch,
             "modes": {m: {"s_per_clip": best[m], "rounds_s": times[m], "ratio_to_reference": best[ref_name] / best[m],
@@ -191,6 +197,7 @@ def extract_marginal(name: str, device: str, precision: str, short: Path, long: 
                      env: dict) -> dict:
     """Wall time of the real command on both videos; (t_long - t_short) / extra clips."""
     walls = {}
+    print(f"  {name} aqa extract-features --precision {precision} on 1 and 5 clips ...", file=sys.stderr, flush=True)
     for label, video in (("short", short), ("long", long)):
         with tempfile.TemporaryDirectory() as out:
             t = time.perf_counter()
