@@ -40,7 +40,10 @@ out = Console()
 err = Console(stderr=True)
 
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda (auto picks the GPU when there is one).")]
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32 (reproduces the recipe), bf16 or fp16 (GPU).")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (bf16 where the device computes it natively and "
+                                                               "the backbone's bf16 drift is within bounds, else "
+                                                               "fp32), fp32 (reproduces the recipe), bf16 or fp16 "
+                                                               "(GPU). The sidecar records the one used.")]
 
 
 @app.command()
@@ -115,7 +118,10 @@ def extract_features(
                                                         "sha256; default: the backbone's own.")] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
-    batch_size: Annotated[int, typer.Option(min=1, help="Clips per forward pass.")] = 4,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Clips per forward pass (default: 4 on a CPU; "
+                                                                  "on a GPU as many as its free memory holds).")] = None,
+    decode_workers: Annotated[Optional[int], typer.Option(min=1, help="Videos decoded at a time, ahead of the "
+                                                                      "backbone (default: 1 on a CPU, 4 on a GPU).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Re-extract videos whose outputs are complete.")] = False,
     show_pred: Annotated[bool, typer.Option("--show-pred", help="Print the Kinetics top-5 and store it.")] = False,
     clip_len: Annotated[Optional[int], typer.Option(min=1, help="Frames per clip (recipe default: 32).")] = None,
@@ -167,7 +173,7 @@ def extract_features(
         where = f"Ray workers ({device}, {precision})"
     else:
         bb = create_backbone(backbone, device=device, precision=precision, weights=weights)
-        where = f"{bb.device} ({precision})"
+        where = f"{bb.device} ({bb.precision}{', chosen by auto' if precision == 'auto' else ''})"
     # Non-overlapping clips stay non-overlapping when only the length changes.
     bb.recipe = bb.recipe.replace(clip_len=clip_len, stride=stride or clip_len, leftover=leftover)
     err.print(f"[bold]{bb.name}[/bold] on {where}, recipe {bb.recipe.name}: "
@@ -217,8 +223,11 @@ def extract_features(
             outcomes = extract_with_ray(videos, bb, out_dir, options, settings, backbone=backbone, weights=weights,
                                         device=device, precision=precision, events=events)
         else:
+            # On a GPU decoding is the slower side: several videos are decoded at once, ahead of the backbone.
+            decoders = decode_workers or (4 if bb.device.type == "cuda" else 1)
             outcomes = extract_to_folder(videos, bb, out_dir, overwrite=overwrite, batch_size=batch_size,
-                                         show_pred=show_pred, decoder=decoder, events=Events())
+                                         show_pred=show_pred, decoder=decoder, events=Events(),
+                                         decode_workers=decoders)
 
     if show_pred:
         if bb.weights_source is not None and bb.class_names is None:
@@ -279,7 +288,9 @@ def score(
                                                                 "show how far they agree.")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the feature cache "
                                                               "($AQA_HOME/features).")] = False,
-    batch_size: Annotated[int, typer.Option(min=1, help="Clips per backbone forward pass.")] = 4,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Clips per backbone forward pass (default: 4 on "
+                                                                  "a CPU; on a GPU as many as its free memory "
+                                                                  "holds).")] = None,
     decoder: Annotated[str, typer.Option(help="auto (decord, else PyAV), decord or pyav.")] = "auto",
     top: Annotated[Optional[int], typer.Option(min=1, help="Show only the N clips that move the score most (by "
                                                            "measured effect) in each table.")] = None,

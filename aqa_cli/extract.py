@@ -4,7 +4,8 @@
 keeps only the small per-clip outputs. Frames are decoded in order, shrunk at
 once to the recipe's input size, and dropped as soon as the last clip that
 needs them has been assembled, so memory does not grow with video length.
-Decoding runs in a prefetch thread and overlaps the backbone's forward passes.
+Decoding runs in a background thread (:class:`ClipStream`) and overlaps the backbone's forward
+passes; with ``decode_workers`` > 1 the next videos of a batch are decoded ahead as well.
 
 :func:`extract_video` writes ``<stem>.npy`` plus a ``<stem>.json`` sidecar for
 one video, or keeps them when they are complete, and turns a bad video into a
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,39 +91,69 @@ def iter_clip_batches(
 _END = object()
 
 
-def prefetch(items: Iterator, depth: int = 2) -> Iterator:
-    """Run ``items`` in a background thread, ``depth`` items ahead; exceptions are re-raised here."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+class ClipStream:
+    """One video opened, planned and decoded into clip batches by a background thread, started at once.
 
-    def work() -> None:
+    Started ahead of time for the next videos of a batch (``decode_workers``), it decodes them
+    while the backbone still works on the current one. ``depth`` bounds how many batches wait in
+    memory. :meth:`plan` blocks until the clips are known; iterating yields ``(clips, uint8 batch)``;
+    :meth:`close` stops the thread (also on an error, or when the consumer stops early).
+    """
+
+    def __init__(self, video: str | Path, recipe: Recipe, batch_size: int, *, decoder: str = "auto",
+                 depth: int = 2):
+        self.video = Path(video)
+        self._planned = threading.Event()
+        self._plan: ClipPlan | None = None
+        self._info: VideoInfo | None = None
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._work, args=(recipe, batch_size, decoder),
+                                        name=f"aqa-decode-{self.video.name}", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _work(self, recipe: Recipe, batch_size: int, decoder: str) -> None:
         try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(_END)
+            with open_video(self.video, decoder=decoder) as reader:
+                self._plan, self._info = plan_for(reader, recipe), reader.info
+                self._planned.set()
+                for item in iter_clip_batches(reader, self._plan, recipe, batch_size):
+                    if not self._put(item):
+                        return
+            self._put(_END)
         except BaseException as exc:  # noqa: BLE001 - handed over to the consumer
-            q.put(exc)
+            self._error = exc
+            self._planned.set()
+            self._put(exc)
 
-    thread = threading.Thread(target=work, name="aqa-decode", daemon=True)
-    thread.start()
-    try:
+    def plan(self) -> tuple[ClipPlan, VideoInfo]:
+        self._planned.wait()
+        if self._plan is None:
+            raise self._error  # opening or planning failed
+        return self._plan, self._info
+
+    def __iter__(self) -> Iterator[tuple[list[Clip], np.ndarray]]:
         while True:
-            item = q.get()
+            item = self._q.get()
             if item is _END:
                 return
             if isinstance(item, BaseException):
                 raise item
             yield item
-    finally:
-        stop.set()
-        thread.join(timeout=5)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def plan_for(reader: VideoReader, recipe: Recipe) -> ClipPlan:
@@ -141,26 +172,32 @@ def video_features(
     video: str | Path,
     backbone: Backbone,
     *,
-    batch_size: int = 4,
+    batch_size: int | None = 4,
     decoder: str = "auto",
     on_plan=None,
     on_batch=None,
+    stream: ClipStream | None = None,
 ) -> VideoFeatures:
-    """Decode ``video`` and run every clip through ``backbone``.
+    """Decode ``video`` and run every clip through ``backbone``, ``batch_size`` clips at a time
+    (None: :meth:`Backbone.auto_batch_size`).
 
     ``on_plan(plan)`` is called once the clips are known and ``on_batch(n)``
-    after each forward pass, for progress display.
+    after each forward pass, for progress display. ``stream``: the video's
+    :class:`ClipStream`, when one was started ahead (it is closed here).
     """
     recipe = backbone.recipe
-    with open_video(video, decoder=decoder) as reader:
-        plan = plan_for(reader, recipe)
+    if batch_size is None:
+        batch_size = backbone.auto_batch_size()
+    stream = stream or ClipStream(video, recipe, batch_size, decoder=decoder)
+    try:
+        plan, info = stream.plan()
         if on_plan is not None:
             on_plan(plan)
         feats: list[np.ndarray] = []
         logits: list[np.ndarray] = []
         per_frame: list[dict[str, np.ndarray]] = []
         backbone.reset()  # a backbone that follows a person across clips starts afresh with each video
-        for clips, batch in prefetch(iter_clip_batches(reader, plan, recipe, batch_size)):
+        for clips, batch in stream:
             f, lg, fr = backbone.run(batch)
             feats.append(f)
             if lg is not None:
@@ -177,12 +214,14 @@ def video_features(
             features=features,
             logits=np.concatenate(logits).astype(np.float32, copy=False) if logits else None,
             plan=plan,
-            info=reader.info,
+            info=info,
             recipe=recipe,
             backbone=backbone.identity(),
             frames={k: np.concatenate([fr[k] for fr in per_frame]) for k in per_frame[0]} if per_frame else None,
             frame_outputs=dict(backbone.frame_outputs),
         )
+    finally:
+        stream.close()
 
 
 def top_predictions(logits: np.ndarray, class_names: Sequence[str] | None, k: int = 5) -> list[dict]:
@@ -341,10 +380,13 @@ def _is_complete(npy: Path, js: Path, identity: dict, recipe: Recipe, want_predi
         return None
     theirs = sidecar.get("backbone", {})
     # "weights" names more than the file for a backbone that is code around a model (pose: its plausibility gate).
+    # Sidecars from before the precision was recorded were all made in fp32.
     if any(theirs.get(k) != identity[k] for k in ("name", "weights", "weights_sha256")) \
+            or theirs.get("precision", "fp32") != identity.get("precision", "fp32") \
             or sidecar.get("recipe") != recipe.to_dict():
         raise AqaError(
-            f"was made by another backbone, weights or recipe ({theirs.get('name')})",
+            f"was made by another backbone, weights, precision or recipe ({theirs.get('name')}, "
+            f"{theirs.get('precision', 'fp32')})",
             path=js,
             fix="pass --overwrite to replace it, or choose another --out folder",
         )
@@ -393,7 +435,7 @@ class ExtractSettings:
 
 
 def extract_video(job: VideoJob, backbone: Backbone, settings: ExtractSettings, *, resume: bool = True,
-                  events: ExtractEvents | None = None) -> ExtractOutcome:
+                  events: ExtractEvents | None = None, stream: ClipStream | None = None) -> ExtractOutcome:
     """Extract one video into its two files: the per-video step of every engine.
 
     With ``resume``, complete outputs are kept (a ``skipped`` outcome). Otherwise the video is
@@ -406,7 +448,7 @@ def extract_video(job: VideoJob, backbone: Backbone, settings: ExtractSettings, 
             done = completed_outcome(job, backbone.identity(), backbone.recipe, settings.show_pred)
             if done is not None:
                 return done
-        return _extract_one(job, backbone, settings, events)
+        return _extract_one(job, backbone, settings, events, stream)
     except AqaError as exc:
         return failed_outcome(job.video, exc)
 
@@ -417,35 +459,73 @@ def extract_to_folder(
     out_dir: Path,
     *,
     overwrite: bool = False,
-    batch_size: int = 4,
+    batch_size: int | None = 4,
     show_pred: bool = False,
     decoder: str = "auto",
     events: ExtractEvents | None = None,
+    decode_workers: int = 1,
 ) -> list[ExtractOutcome]:
-    """Extract features for each video into ``out_dir``, one after the other (the local engine)."""
+    """Extract features for each video into ``out_dir``, one after the other (the local engine); one failure
+    never stops the batch.
+
+    ``decode_workers`` videos are decoded at a time: the current one and the next ones, ahead of
+    the backbone (worth it on a GPU, where decoding is the slower side; each holds at most two
+    batches in memory).
+    """
+    if batch_size is None:
+        batch_size = backbone.auto_batch_size()  # once for the batch: every stream cuts the same batches
     settings = ExtractSettings(batch_size=batch_size, show_pred=show_pred, decoder=decoder, overwrite=overwrite)
     events = events or ExtractEvents()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)
     outcomes: list[ExtractOutcome] = []
-    for job in plan_jobs(videos, out_dir):
-        events.video_started(job.video)
-        if isinstance(job, ExtractOutcome):  # its output name is taken
-            outcome = job
-        else:
-            outcome = extract_video(job, backbone, settings, resume=not overwrite, events=events)
-        outcomes.append(outcome)
-        events.video_finished(outcome)
+    jobs = plan_jobs(videos, out_dir)
+    identity = backbone.identity()
+    ahead: dict[int, ClipStream] = {}
+
+    def start_ahead(i: int) -> None:
+        # Decode the next videos now, unless they will be skipped or refused anyway.
+        for j in range(i + 1, min(i + decode_workers, len(jobs))):
+            job = jobs[j]
+            if j in ahead or isinstance(job, ExtractOutcome):
+                continue
+            try:
+                if not overwrite and completed_outcome(job, identity, backbone.recipe, show_pred) is not None:
+                    continue
+            except AqaError:
+                continue
+            ahead[j] = ClipStream(job.video, backbone.recipe, batch_size, decoder=decoder)
+
+    try:
+        for i, job in enumerate(jobs):
+            events.video_started(job.video)
+            if isinstance(job, ExtractOutcome):  # its output name is taken
+                outcome = job
+            else:
+                stream = ahead.pop(i, None)
+                start_ahead(i)
+                try:
+                    outcome = extract_video(job, backbone, settings, resume=not overwrite, events=events,
+                                            stream=stream)
+                finally:
+                    if stream is not None:  # consumed, or not needed after all (the outputs were complete)
+                        stream.close()
+            outcomes.append(outcome)
+            events.video_finished(outcome)
+    finally:
+        for stream in ahead.values():
+            stream.close()
     return outcomes
 
 
-def _extract_one(job: VideoJob, backbone: Backbone, settings: ExtractSettings, events: ExtractEvents) -> ExtractOutcome:
+def _extract_one(job: VideoJob, backbone: Backbone, settings: ExtractSettings, events: ExtractEvents,
+                 stream: ClipStream | None = None) -> ExtractOutcome:
     video, npy, js = job.video, job.features_path, job.sidecar_path
     result = video_features(
         video, backbone, batch_size=settings.batch_size, decoder=settings.decoder,
         on_plan=lambda plan: events.video_planned(video, len(plan.clips)),
-        on_batch=events.clips_done,
+        on_batch=events.clips_done, stream=stream,
     )
     predictions = None
     if settings.show_pred:

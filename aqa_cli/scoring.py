@@ -31,7 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from aqa_cli.backbones import PRECISIONS, Backbone, create_backbone, get_backbone_spec, resolve_device
+from aqa_cli.backbones import (
+    PRECISIONS, Backbone, create_backbone, get_backbone_spec, resolve_device, resolve_precision,
+)
 from aqa_cli.cache import FeatureCache, cache_key
 from aqa_cli.effects import measured_effects
 from aqa_cli.errors import AqaError, FeatureError, VideoError, WeightsError
@@ -301,7 +303,7 @@ class Scorer:
     """
 
     def __init__(self, choice: HeadChoice, *, backbone: str | None = None, device: str = "auto",
-                 precision: str = "fp32", cache: FeatureCache | None = None, batch_size: int = 4,
+                 precision: str = "fp32", cache: FeatureCache | None = None, batch_size: int | None = 4,
                  decoder: str = "auto", backbone_factory: BackboneFactory | None = None,
                  events: ScoreEvents | None = None, backbone_weights: str | None = None,
                  trust_features: bool = False):
@@ -319,8 +321,11 @@ class Scorer:
         self.backbone_weights = backbone_weights
         self.trust_features = trust_features
         self._user_identity: dict[str, tuple[str, str | None]] = {}
-        self._factory = backbone_factory or (lambda name: create_backbone(name, device=device, precision=precision,
-                                                                          weights=backbone_weights))
+        # Each backbone's precision, resolved once (``auto`` becomes what it runs at): the cache key records it.
+        self.precisions: dict[str, str] = {}
+        self._factory = backbone_factory or (
+            lambda name: create_backbone(name, device=device, precision=self.precision_for(name),
+                                         weights=backbone_weights))
         self._backbones: dict[str, Backbone] = {}
         self.stats = {"backbone_runs": 0, "cache_hits": 0, "backbones_built": 0}
         self.backbone_override = backbone
@@ -405,6 +410,12 @@ class Scorer:
             cv_spearman=h.cv_spearman, members=h.members,
         )
 
+    def precision_for(self, backbone: str) -> str:
+        """The precision ``backbone`` runs at for this scorer (``auto`` resolved)."""
+        if backbone not in self.precisions:
+            self.precisions[backbone] = resolve_precision(self.precision, self.device, get_backbone_spec(backbone))
+        return self.precisions[backbone]
+
     def _backbone(self, name: str) -> Backbone:
         if name not in self._backbones:
             self.events.backbone_loading(name)
@@ -470,7 +481,8 @@ class Scorer:
             # moved or renamed copy finds its features again; the entry's sidecar records the path.
             weights_sha = weights_sha or self._backbone(backbone).weights_sha256
             key = cache_key(video_sha256=video_sha, backbone=backbone, weights=weights_name,
-                            weights_sha256=weights_sha, recipe=spec.recipe.to_dict(), precision=self.precision)
+                            weights_sha256=weights_sha, recipe=spec.recipe.to_dict(),
+                            precision=self.precision_for(backbone))
             hit = self.cache.get(key)
             if hit is not None:
                 features, sidecar = hit

@@ -22,6 +22,20 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["AQA_HOME"] = tempfile.mkdtemp(prefix="aqa-test-home-")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Tests marked gpu need CUDA: without it they are skipped, saying so (bench/gpu_check.sh runs them on a GPU).
+    if not any(item.get_closest_marker("gpu") for item in items):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none is visible to torch); bench/gpu_check.sh runs it on one")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def shared() -> Path:
     if not SHARED.is_dir():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 
@@ -138,3 +139,27 @@ def test_safetensors_metadata_records_source_and_classes(i3d):
     assert meta["source_sha256"] == WEIGHTS.source_sha256
     assert meta["format"] == "aqa-weights/1" and meta["architecture"] == "i3d"
     assert len(json.loads(meta["classes"])) == 400
+
+
+def test_bf16_drift_of_the_real_weights_is_within_the_auto_bound(i3d, shared):
+    """The bound --precision auto keeps (per-clip cosine >= 0.999), on real weights and a real clip.
+
+    The native bf16 path where this CPU has one; elsewhere its emulation (bf16-rounded values, float32
+    arithmetic), since the fallback bf16 convolution is far too slow for a test.
+    """
+    from aqa_cli.backbones import Backbone, native_bf16
+    from aqa_cli.backbones.i3d import emulate_bf16
+
+    with open_video(shared / "videos" / "arm_wrestling.mp4") as reader:
+        frames = np.concatenate([I3D_RECIPE.transform_frames(chunk) for _, chunk in reader.iter_chunks(range(64))])
+    clips = np.stack([frames[:32], frames[32:64]])
+    if native_bf16(i3d.device):
+        model, precision = copy.deepcopy(i3d.model).to(torch.bfloat16), "bf16"
+    else:
+        model, precision = emulate_bf16(i3d.model), "fp32"
+    bf16 = Backbone(i3d.spec, model, weights_sha256=i3d.weights_sha256, class_names=i3d.class_names,
+                    device=i3d.device, precision=precision)
+    (a, la), (b, lb) = i3d(clips), bf16(clips)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() >= 0.999
+    assert (la.argmax(1) == lb.argmax(1)).all()

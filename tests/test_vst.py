@@ -8,6 +8,7 @@ Only one test runs the full Swin-B, on one clip; the rest use a small config.
 
 from __future__ import annotations
 
+import copy
 import http.server
 import json
 import os
@@ -27,6 +28,7 @@ import aqa_cli.backbones as backbones
 from aqa_cli.backbones import BackboneSpec, create_backbone, get_backbone_spec
 from aqa_cli.backbones.vst import (
     K600_LABELS_SHA256,
+    FusedWindowAttention3d,
     SWIN_B,
     VST_K600,
     SwinConfig,
@@ -35,6 +37,7 @@ from aqa_cli.backbones.vst import (
     convert_checkpoint,
     detect_format,
     state_dict_from_official,
+    use_fused_attention,
 )
 from aqa_cli.cli import app
 from aqa_cli.errors import WeightsError
@@ -251,11 +254,59 @@ def test_one_swin_b_clip_gives_the_published_feature_map():
 def test_bf16_on_cpu_runs_and_stays_close_to_fp32(registry):
     save_mmcv(registry / "official.pth", random_official_state(SMALL, seed=3))
     import_file("vst-test", registry / "official.pth")
-    clips = np.random.default_rng(1).integers(0, 256, (1, 8, 112, 112, 3), dtype=np.uint8)
+    clips = np.random.default_rng(1).integers(0, 256, (2, 8, 112, 112, 3), dtype=np.uint8)
     fp32, _ = create_backbone("vst-test", device="cpu")(clips)
-    bf16, logits = create_backbone("vst-test", device="cpu", precision="bf16")(clips)
+    bb = create_backbone("vst-test", device="cpu", precision="bf16")
+    # bf16 weights and activations, not autocast: every parameter is converted.
+    assert {p.dtype for p in bb.model.parameters()} == {torch.bfloat16}
+    bf16, logits = bb(clips)
     assert bf16.dtype == np.float32 and np.isfinite(bf16).all() and np.isfinite(logits).all()
-    assert cosine(fp32[0], bf16[0]) > 0.99
+    # The bound --precision auto is held to (per-clip cosine against fp32).
+    assert min(cosine(a, b) for a, b in zip(fp32, bf16)) >= 0.999
+
+
+# ------------------------------------------------------------------------------------------ the fused attention
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 112, 112), (1, 3, 12, 100, 90), (1, 3, 4, 64, 64)],
+                         ids=["batch2", "padded", "window-clipped"])
+def test_fused_attention_matches_torchvision(shape):
+    # Random weights, small inputs: shifted and plain windows, a batch, a grid that needs padding
+    # (25x23 tokens for 7x7 windows), and one no larger than the window (clipped, not shifted).
+    torch.manual_seed(0)
+    ref = build_swin3d(SMALL).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                p.normal_(0, 1.0)  # larger than the init's 0.02, so a misplaced bias would show
+    fused = use_fused_attention(copy.deepcopy(ref))
+    assert sum(isinstance(m, FusedWindowAttention3d) for m in fused.modules()) == sum(SMALL.depths)
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        want, got = ref(x), fused(x)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    assert fused.state_dict().keys() == ref.state_dict().keys()  # the same checkpoint loads into both
+
+
+def test_attention_mask_is_built_once_per_shape_and_shift():
+    torch.manual_seed(0)
+    net = use_fused_attention(build_swin3d(SMALL)).eval()
+    blocks = [m for m in net.modules() if isinstance(m, FusedWindowAttention3d)]
+    # 112 and 160 pixels give other padded token grids at every stage (96 would pad to the same as 112).
+    small, other = torch.randn(1, 3, 8, 112, 112), torch.randn(2, 3, 8, 160, 160)
+    with torch.inference_mode():
+        first = net(small)
+        assert [b.mask_builds for b in blocks] == [1] * len(blocks)
+        again = net(small)
+        assert [b.mask_builds for b in blocks] == [1] * len(blocks)  # reused, not rebuilt
+        net(other)  # another grid: one more mask each (the batch size is not part of the key)
+        net(other[:1])
+        assert [b.mask_builds for b in blocks] == [2] * len(blocks)
+    assert torch.equal(first, again)  # the same instance twice: bitwise
+    # New weights in the bias tables invalidate the cached masks: the output follows the weights.
+    ref = build_swin3d(SMALL).eval()
+    net.load_state_dict(ref.state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(net(small), ref(small), atol=2e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------- the recipe
@@ -500,3 +551,61 @@ def test_weights_list_labels_and_show_pred(registry, shared):
 def test_weights_of_another_architecture_are_refused_for_a_backbone(registry):
     with pytest.raises(Exception, match="do not fit the vst backbone"):
         create_backbone("vst", device="cpu", weights="i3d-kinetics400")
+
+
+# ------------------------------------------------------------------------------------------ precision, decoding
+
+def test_auto_precision_is_resolved_and_recorded_in_the_sidecar(registry, monkeypatch):
+    from aqa_cli.synthetic import moving_scene, write_video
+
+    import_file("vst-test", save_mmcv(registry / "official.pth", random_official_state(SMALL, seed=6)))
+    video = write_video(registry / "v.mp4", moving_scene(20, 120, 160), 25)
+    reg = backbones._registry()
+    within = replace(TEST_BACKBONE, bf16_within_bounds=True)
+    runner = CliRunner()
+    for native, spec, want in ((False, within, "fp32"), (True, within, "bf16"), (True, TEST_BACKBONE, "fp32")):
+        monkeypatch.setattr(backbones, "native_bf16", lambda device, native=native: native)
+        monkeypatch.setattr(backbones, "_registry", lambda spec=spec: {**reg, "vst-test": spec})
+        assert backbones.resolve_precision("auto", torch.device("cpu"), spec) == want
+        out = registry / f"out-{native}-{spec.bf16_within_bounds}"
+        res = runner.invoke(app, ["extract-features", str(video), "--out", str(out), "--backbone", "vst-test",
+                                  "--precision", "auto"], env={"COLUMNS": "200"})
+        assert res.exit_code == 0, res.output
+        assert f"({want}, chosen by auto)" in res.output
+        side = json.loads((out / "v.json").read_text())
+        assert side["backbone"]["precision"] == want  # what ran, never "auto"
+    # Features made at another precision are not taken as done: the user is told, and --overwrite replaces them.
+    res = runner.invoke(app, ["extract-features", str(video), "--out", str(registry / "out-True-True"),
+                              "--backbone", "vst-test", "--precision", "fp32"], env={"COLUMNS": "200"})
+    assert res.exit_code == 1 and "precision" in res.output and "bf16" in res.output
+    with pytest.raises(backbones.AqaError, match="unknown precision"):
+        backbones.resolve_precision("fp8", torch.device("cpu"), TEST_BACKBONE)
+
+
+def test_cpu_bf16_detection_follows_the_cpu_flags():
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), None) \
+        if Path("/proc/cpuinfo").is_file() else None
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo flags on this system")
+    native = bool({"avx512_bf16", "amx_bf16"} & set(flags.split(":", 1)[1].split()))
+    assert backbones.cpu_has_native_bf16() == native
+    assert backbones.native_bf16(torch.device("cpu")) == native
+
+
+def test_videos_decoded_ahead_give_the_same_features(registry):
+    from aqa_cli.extract import extract_to_folder
+    from aqa_cli.synthetic import moving_scene, write_video
+
+    import_file("vst-test", save_mmcv(registry / "official.pth", random_official_state(SMALL, seed=7)))
+    bb = create_backbone("vst-test", device="cpu")
+    videos = [write_video(registry / f"v{i}.mp4", moving_scene(20 + 8 * i, 120, 160, seed=i), 25) for i in range(3)]
+    (registry / "broken.mp4").write_bytes(b"not a video")
+    videos.insert(1, registry / "broken.mp4")
+    one = extract_to_folder(videos, bb, registry / "one", decode_workers=1, batch_size=2)
+    three = extract_to_folder(videos, bb, registry / "three", decode_workers=3, batch_size=2)
+    assert [o.status for o in one] == [o.status for o in three] == ["extracted", "failed", "extracted", "extracted"]
+    assert three[1].error == one[1].error and "broken.mp4" in three[1].error
+    for a, b in zip(one, three):
+        if a.status == "extracted":
+            # The same instance, the same clips: bitwise, whichever thread decoded them.
+            assert np.array_equal(np.load(a.features_path), np.load(b.features_path))

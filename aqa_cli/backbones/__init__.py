@@ -8,6 +8,7 @@ the device, with the feature recipe attached. ``list_backbones()`` names them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,46 @@ from torch import nn
 from aqa_cli.errors import AqaError, WeightsError
 from aqa_cli.recipes import Recipe
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX), where bf16 runs faster than fp32.
+
+    Elsewhere torch still runs bf16, through slow fallbacks: measured 0.9 GFLOP/s for a bf16 GEMM
+    on an AVX2-only EPYC against 127 GFLOP/s in fp32.
+    """
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    # No /proc/cpuinfo (not Linux): oneDNN's own check, which also accepts AVX-512 without BF16.
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 is computed natively on ``device`` (a GPU from Ampere on, or a CPU with BF16 units)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
+def resolve_precision(requested: str, device: torch.device, spec: BackboneSpec) -> str:
+    """The precision a backbone actually runs at: ``auto`` becomes bf16 or fp32, the others stay.
+
+    ``auto`` picks bf16 only where the device computes it natively and the backbone's bf16 drift was
+    measured within bounds (``spec.bf16_within_bounds``: per-clip cosine >= 0.999 against fp32 and
+    the demo score within 0.05, ``bench/bench_precision.py``); otherwise fp32, the recipe's reference.
+    """
+    if requested not in PRECISIONS:
+        raise AqaError(f"unknown precision {requested!r}", fix=f"choose one of: {', '.join(PRECISIONS)}")
+    if requested != "auto":
+        return requested
+    return "bf16" if spec.bf16_within_bounds and native_bf16(device) else "fp32"
 
 
 @dataclass(frozen=True)
@@ -37,6 +77,10 @@ class BackboneSpec:
     # A backbone whose model is not a torch module in our weights registry (MediaPipe's pose estimator ships
     # inside its own package) builds itself: factory(spec, device, precision) → Backbone.
     factory: Callable[[BackboneSpec, torch.device, str], Backbone] | None = None
+    # Whether --precision auto may pick bf16 (on native hardware): set from the measured drift, see resolve_precision.
+    bf16_within_bounds: bool = False
+    # Convolution-heavy backbones (I3D) let cuDNN time its algorithms once per input shape.
+    cudnn_benchmark: bool = False
 
 
 class Backbone:
@@ -50,9 +94,12 @@ class Backbone:
         self.class_names = class_names
         self.device = device
         self.precision = precision
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.recipe = spec.recipe
         # A checkpoint given by path: {"path", "sha256", "format"} of the file the weights were converted from.
         self.weights_source = weights_source
+        self._pinned: torch.Tensor | None = None
+        self._clip_bytes: int | None = None
 
     @property
     def name(self) -> str:
@@ -61,25 +108,53 @@ class Backbone:
     def identity(self) -> dict:
         """What makes two feature files comparable, besides the recipe."""
         identity = {"name": self.spec.name, "weights": self.spec.weights, "weights_sha256": self.weights_sha256,
-                    "feature_dim": self.spec.feature_dim}
+                    "feature_dim": self.spec.feature_dim, "precision": self.precision}
         if self.weights_source is not None:
             identity["weights_source"] = dict(self.weights_source)
         return identity
 
+    def _to_device(self, clips: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(clips)
+        if self.device.type != "cuda":
+            return x.to(self.device)
+        # A page-locked staging buffer, kept between batches, lets the copy run asynchronously (non_blocking).
+        if self._pinned is None or self._pinned.shape != x.shape or self._pinned.dtype != x.dtype:
+            self._pinned = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        self._pinned.copy_(x)
+        return self._pinned.to(self.device, non_blocking=True)
+
     @torch.inference_mode()
     def __call__(self, clips: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """uint8 [B, T, h, w, 3] → (features float32 [B, D], logits float32 [B, C] or None)."""
-        x = torch.as_tensor(clips).to(self.device, non_blocking=True)
-        x = self.recipe.normalize(x)
-        if self.precision == "fp32":
-            out = self.model(x)
-        else:
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-            with torch.autocast(device_type=self.device.type, dtype=dtype):
+        x = self.recipe.normalize(self._to_device(clips))  # uint8 travels, four times fewer bytes than float32
+        if self.precision == "fp16":
+            with torch.autocast(device_type=self.device.type, dtype=torch.float16):
                 out = self.model(x)
+        else:
+            # bf16: the weights were converted at creation, so the activations are bf16 too (no per-op casts).
+            out = self.model(x.to(self.dtype))
         feats = out.features.float().cpu().numpy()
         logits = None if out.logits is None else out.logits.float().cpu().numpy()
         return feats, logits
+
+    def auto_batch_size(self, cpu_default: int = 4, cap: int = 64) -> int:
+        """Clips per forward pass when none is asked for: on a GPU, as many as 80% of its free memory holds.
+
+        The memory of one clip is measured once, with a forward pass of one blank clip (the peak
+        the allocator saw beyond what was already in use); a batch is taken to need that per clip.
+        On a CPU the batch size does not change the speed much: ``cpu_default``.
+        """
+        if self.device.type != "cuda":
+            return cpu_default
+        if self._clip_bytes is None:
+            h, w = self.recipe.input_size
+            torch.cuda.synchronize(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self(np.zeros((1, self.recipe.clip_len, h, w, 3), dtype=np.uint8))
+            self._clip_bytes = max(torch.cuda.max_memory_allocated(self.device) - base, 1)
+        free, _total = torch.cuda.mem_get_info(self.device)
+        return int(max(1, min(cap, 0.8 * free // self._clip_bytes)))
 
     # Per-frame outputs. Most backbones have none; the pose backbone also returns each frame's landmarks,
     # which extraction saves beside the features (the sidecar's companion file).
@@ -137,6 +212,9 @@ def create_backbone(name: str, *, device: str = "auto", precision: str = "fp32",
     backbone's default (e.g. torchvision's Kinetics-400 Swin-B for ``vst``), or
     names a checkpoint file of that architecture (:func:`~aqa_cli.weights.is_weights_path`),
     converted once into the cache by its sha256.
+    ``precision`` ``auto`` is resolved here (:func:`resolve_precision`); the
+    backbone's ``precision`` is the one it runs at. bf16 converts the weights,
+    so activations are bf16 too; fp16 is autocast, on a GPU only.
     """
     from aqa_cli.weights import get_spec, is_weights_path, load_user_weights, load_weights
 
@@ -146,10 +224,8 @@ def create_backbone(name: str, *, device: str = "auto", precision: str = "fp32",
     if spec.factory is not None:
         if weights is not None and weights != spec.weights:
             raise AqaError(f"the {name} backbone has no alternative weights", fix="drop --weights")
-        return spec.factory(spec, resolve_device(device), precision)
-    dev = resolve_device(device)
-    if precision == "fp16" and dev.type == "cpu":
-        raise AqaError("fp16 autocast needs a GPU", fix="use --precision bf16 on the CPU, or fp32")
+        dev = resolve_device(device)
+        return spec.factory(spec, dev, resolve_precision(precision, dev, spec))
     user = None
     if weights is not None and is_weights_path(weights):
         user = load_user_weights(get_spec(spec.weights), weights)
@@ -162,6 +238,10 @@ def create_backbone(name: str, *, device: str = "auto", precision: str = "fp32",
             raise AqaError(f"weights {weights!r} do not fit the {name} backbone",
                            fix=f"choose one of: {', '.join(sorted(same))}")
         spec = dataclasses.replace(spec, weights=weights)
+    dev = resolve_device(device)
+    precision = resolve_precision(precision, dev, spec)
+    if precision == "fp16" and dev.type == "cpu":
+        raise AqaError("fp16 autocast needs a GPU", fix="use --precision bf16 on the CPU, or fp32")
     loaded = user or load_weights(spec.weights, fetch_missing=fetch)
     try:
         model = spec.build(loaded.tensors, loaded.metadata)
@@ -172,9 +252,11 @@ def create_backbone(name: str, *, device: str = "auto", precision: str = "fp32",
             fix="pass a checkpoint of this architecture" if user else
             f"re-fetch with `aqa weights fetch {spec.weights} --force`",
         ) from None
-    model.eval().requires_grad_(False).to(dev)
+    model.eval().requires_grad_(False).to(dev, dtype=torch.bfloat16 if precision == "bf16" else None)
     if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = False  # same algorithms every run: the same video gives the same features
+        # cuDNN's autotuner picks the fastest convolution algorithm for I3D's fixed shapes. The pick can
+        # differ between processes, so on a GPU features agree run to run within float tolerance, not bitwise.
+        torch.backends.cudnn.benchmark = spec.cudnn_benchmark
     classes = json.loads(loaded.metadata["classes"]) if "classes" in loaded.metadata else None
     # The path as given now (the converted copy may have been made from the same bytes elsewhere).
     source = None if user is None else {"path": str(Path(weights).expanduser().resolve()),

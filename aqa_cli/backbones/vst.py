@@ -31,6 +31,7 @@ adaptive-average-pooled to 1024. The logits are the checkpoint's classifier
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import warnings
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.video import SwinTransformer3d, swin3d_b
 from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d
@@ -55,6 +57,8 @@ __all__ = [
     "VSTOutput",
     "VideoSwin",
     "build_swin3d",
+    "FusedWindowAttention3d",
+    "use_fused_attention",
     "torchvision_key",
     "state_dict_from_official",
     "check_state_dict",
@@ -118,6 +122,122 @@ def _build_swin3d(config: SwinConfig) -> SwinTransformer3d:
     )
 
 
+# ------------------------------------------------------------------------------------- the fused attention
+
+Size3 = tuple[int, int, int]
+
+
+def _window_and_shift(size: Size3, window: list[int], shift: list[int]) -> tuple[Size3, Size3]:
+    # torchvision's rule (and the official model's get_window_size): an axis no longer than the window
+    # is one window, and is not shifted.
+    w = tuple(size[i] if size[i] <= window[i] else window[i] for i in range(3))
+    s = tuple(0 if size[i] <= window[i] else shift[i] for i in range(3))
+    return w, s  # type: ignore[return-value]
+
+
+def _region_labels(length: int, window: int, shift: int) -> torch.Tensor:
+    """Which of the shifted image's regions each position of one axis belongs to (torchvision's slices)."""
+    label = torch.zeros(length, dtype=torch.int64)
+    if shift:
+        label[length - window:length - shift] = 1
+        label[length - shift:] = 2
+    return label
+
+
+@functools.lru_cache(maxsize=64)
+def _window_layout(padded: Size3, window: Size3, shift: Size3, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """For one padded token grid, window and shift: (gather, scatter, shift mask or None).
+
+    ``gather`` lists, window by window and token by token, the flat grid position each window token
+    reads after the cyclic shift: one index_select does torchvision's roll, view and permute copy.
+    ``scatter`` is its inverse. The shift mask [nW, N, N] is -100 between tokens of different regions
+    (torchvision's and the official value), 0 elsewhere; built once here, not per forward.
+    """
+    (tp, hp, wp), (wd, wh, ww) = padded, window
+    grid = torch.arange(tp * hp * wp).view(tp, hp, wp)
+    if any(shift):
+        grid = torch.roll(grid, shifts=tuple(-s for s in shift), dims=(0, 1, 2))
+    windows = grid.view(tp // wd, wd, hp // wh, wh, wp // ww, ww).permute(0, 2, 4, 1, 3, 5).reshape(-1)
+    gather = windows.to(device)
+    scatter = torch.argsort(windows).to(device)
+    if not any(shift):
+        return gather, scatter, None
+    labels = [_region_labels(n, w, s) for n, w, s in zip(padded, window, shift)]
+    region = (labels[0].view(-1, 1, 1) * 9 + labels[1].view(1, -1, 1) * 3 + labels[2].view(1, 1, -1))
+    region = region.view(tp // wd, wd, hp // wh, wh, wp // ww, ww).permute(0, 2, 4, 1, 3, 5)
+    region = region.reshape(-1, wd * wh * ww)
+    mask = (region.unsqueeze(1) != region.unsqueeze(2)).to(torch.float32) * -100.0
+    return gather, scatter, mask.to(device)
+
+
+class FusedWindowAttention3d(ShiftedWindowAttention3d):
+    """torchvision's (shifted) window attention, computed by ``F.scaled_dot_product_attention``.
+
+    Same parameters and buffers, so the same state dict; the same arithmetic up to float rounding
+    (tested against torchvision). Two things change. The relative-position bias and the shift mask
+    are folded into one float mask per (padded input size, shift, dtype, device), built once and
+    kept, where torchvision rebuilds the mask with a Python loop and adds both to a materialised
+    [windows, heads, N, N] score tensor at every forward; the fused kernel never materialises it.
+    And the roll, pad and window partition are one index_select each way.
+    """
+
+    def _reset_mask_cache(self) -> None:
+        self._masks: dict[tuple, torch.Tensor] = {}
+        self.mask_builds = 0  # how many times a mask was built (the test of the cache reads it)
+
+    def _attention_mask(self, padded: Size3, window: Size3, shift: Size3, dtype: torch.dtype,
+                        device: torch.device) -> torch.Tensor:
+        """[nW or 1, heads, N, N]: bias + shift mask, cached unless the bias table is being trained."""
+        table = self.relative_position_bias_table
+        trainable = torch.is_grad_enabled() and table.requires_grad
+        # The table's identity and version are in the key, so loading or converting weights rebuilds it.
+        key = (padded, window, shift, dtype, device, table.data_ptr(), table._version)
+        if not trainable and key in self._masks:
+            return self._masks[key]
+        bias = self.get_relative_position_bias(list(window))  # [1, heads, N, N]
+        shift_mask = _window_layout(padded, window, shift, device)[2]
+        mask = bias if shift_mask is None else bias + shift_mask.unsqueeze(1).to(bias.dtype)
+        mask = mask.to(dtype).contiguous()
+        if not trainable:
+            self._masks = {key: mask, **{k: v for k, v in self._masks.items() if k[:5] != key[:5]}}
+            self.mask_builds += 1
+        return mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, h, w, c = x.shape
+        window, shift = _window_and_shift((t, h, w), self.window_size, self.shift_size)
+        pad = [(window[i] - (t, h, w)[i] % window[i]) % window[i] for i in range(3)]
+        if any(pad):
+            x = F.pad(x, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))
+        padded = (t + pad[0], h + pad[1], w + pad[2])
+        gather, scatter, _ = _window_layout(padded, window, shift, x.device)
+        mask = self._attention_mask(padded, window, shift, x.dtype, x.device)
+        n = window[0] * window[1] * window[2]
+        heads = self.num_heads
+        windows = x.reshape(b, -1, c).index_select(1, gather)  # [B, nW*N, C], window-major
+        qkv = F.linear(windows, self.qkv.weight, self.qkv.bias).view(b, -1, n, 3, heads, c // heads)
+        p = self.attention_dropout if self.training else 0.0
+        out = []
+        for i in range(b):  # one clip per call: the cached mask is [nW, heads, N, N], not repeated per clip
+            q, k, v = qkv[i].permute(2, 0, 3, 1, 4).unbind(0)  # [nW, heads, N, head_dim] each
+            out.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p))
+        y = (torch.stack(out) if b > 1 else out[0].unsqueeze(0)).transpose(2, 3).reshape(b, -1, c)  # [B, nW*N, C]
+        y = F.dropout(F.linear(y, self.proj.weight, self.proj.bias), p=self.dropout, training=self.training)
+        y = y.index_select(1, scatter).view(b, *padded, c)
+        if any(pad):
+            y = y[:, :t, :h, :w].contiguous()
+        return y
+
+
+def use_fused_attention(net: nn.Module) -> nn.Module:
+    """Switch every torchvision window attention of ``net`` to :class:`FusedWindowAttention3d`, in place."""
+    for module in net.modules():
+        if type(module) is ShiftedWindowAttention3d:
+            module.__class__ = FusedWindowAttention3d
+            module._reset_mask_cache()
+    return net
+
+
 class VSTOutput(NamedTuple):
     features: torch.Tensor
     """[B, 1024] the final-LayerNorm map, adaptive-average-pooled."""
@@ -146,9 +266,10 @@ class VideoSwin(nn.Module):
         return net.norm(x).permute(0, 4, 1, 2, 3)
 
     def forward(self, x: torch.Tensor) -> VSTOutput:
-        features = torch.flatten(self.net.avgpool(self.feature_map(x)), 1)
+        # Pooled in float32 whatever the model's dtype: a bf16 sum of 784 positions would lose digits.
+        features = torch.flatten(self.net.avgpool(self.feature_map(x).float()), 1)
         # A checkpoint saved without its classifier (a backbone only) has a head of no classes: no logits.
-        logits = self.net.head(features) if self.net.head.out_features else None
+        logits = (self.net.head(features.to(self.net.head.weight.dtype)) if self.net.head.out_features else None)
         return VSTOutput(features=features, logits=logits)
 
 
@@ -415,7 +536,7 @@ def _build(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = N
         replace(SWIN_B, num_classes=int(tensors["head.weight"].shape[0]))
     net = build_swin3d(config)
     net.load_state_dict(tensors, strict=True)
-    return VideoSwin(net).eval()
+    return VideoSwin(use_fused_attention(net)).eval()
 
 
 # ------------------------------------------------------------------------------------------- weights and recipe
@@ -484,4 +605,6 @@ BACKBONE = BackboneSpec(
     recipe=GDLT_RECIPE,
     feature_dim=1024,
     build=_build,
+    # bench/bench_precision.py, random Swin-B weights, real bf16: per-clip cosine >= 0.99998 (bound 0.999).
+    bf16_within_bounds=True,
 )
