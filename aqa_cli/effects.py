@@ -77,6 +77,11 @@ def measured_effects(model: torch.nn.Module, features: np.ndarray | torch.Tensor
         return np.full(length, np.nan)
     model.eval()
     full = float(_model_scores(model, x.unsqueeze(0))[0]) if score is None else float(score)
+    # A head that can score every clip-removed video exactly in one pass (the clip-additive head) does so.
+    exact = getattr(model, "scores_without_each_clip", None)
+    without = exact(x) if exact is not None else None
+    if without is not None:
+        return full - without.double().cpu().numpy()
     chunk = max(1, CHUNK_FLOATS // ((length - 1) * dim))
     out = np.empty(length, dtype=np.float64)
     for start in range(0, length, chunk):

@@ -114,6 +114,10 @@ def test_measured_effects_equal_an_independent_recomputation(name, monkeypatch):
     # Chunked (a few removed clips per batch) or not, the same effects.
     monkeypatch.setattr(effects, "CHUNK_FLOATS", 3 * (len(x) - 1) * DIM)
     np.testing.assert_allclose(measured_effects(head, x), alone, **CROSS_INSTANCE)
+    if name == "additive":  # its one-pass exact path, and the batched passes it replaces, agree
+        assert head.scores_without_each_clip(torch.tensor(x)) is not None
+        monkeypatch.setattr(type(head), "scores_without_each_clip", lambda self, f: None)
+        np.testing.assert_allclose(measured_effects(head, x), alone, **CROSS_INSTANCE)
 
 
 def test_deletion_area_is_positive_for_the_true_order_and_not_for_its_reverse():

@@ -162,6 +162,23 @@ class AdditiveHead(Head):
             extras["aux"] = (weights.unsqueeze(-1) * self.aux_out(h)).sum(dim=1)  # standardised, [B, n_aux]
         return HeadOutput(score=score, weights=weights, clip_scores=clip_scores, extras=extras)
 
+    def scores_without_each_clip(self, features: Tensor) -> Tensor | None:
+        """S(the video without clip t) for every t of one video [T, D], exactly, in one pass over its T clips.
+
+        With no context, clip u's logit and score do not depend on the other clips (the standardisation uses the
+        running statistics in eval mode), so dropping clip t leaves them and only renormalises the softmax:
+        S_−t = Σ_{u≠t} e^{a_u}·s_u / Σ_{u≠t} e^{a_u}. This is the head's own function on the shortened video, not
+        its explanation's claim; with context the neighbours change, and None sends the caller to the batched
+        passes."""
+        if self.context_conv is not None or self.training:
+            return None
+        h = F.gelu(self.proj(self.in_norm(features)))
+        logits = self.weight_out(h).squeeze(-1).double()
+        scores = self.denormalise(torch.sigmoid(self.score_out(h).squeeze(-1))).double()
+        e = torch.exp(logits - logits.max())
+        num, den = (e * scores).sum() - e * scores, e.sum() - e
+        return (num / den).to(features.dtype)
+
     def loss(self, out: HeadOutput, target: Tensor, labels: dict[str, Tensor] | None = None
              ) -> tuple[Tensor, dict[str, float]]:
         mse = F.mse_loss(self.normalise(out.score), self.normalise(target))

@@ -74,6 +74,14 @@ class HeadEnsemble(nn.Module):
                           additive=additive, extras=extras)
 
 
+    def scores_without_each_clip(self, features: Tensor) -> Tensor | None:
+        """The mean of the members' scores without each clip, where every member computes them exactly
+        (``Head.scores_without_each_clip``); else None."""
+        each = [getattr(m, "scores_without_each_clip", lambda _: None)(features) for m in self.members]
+        if any(e is None for e in each):
+            return None
+        return torch.stack(each).mean(0)
+
     def describe(self, out: HeadOutput, index: int = 0) -> dict[str, Any]:
         """The first member's reading of the ensemble's output (members share one config)."""
         return self.members[0].describe(out, index)
