@@ -62,7 +62,8 @@ def without_each_clip(features: torch.Tensor, start: int = 0, stop: int | None =
     stop = length if stop is None else stop
     keep = torch.arange(length - 1, device=features.device).unsqueeze(0)
     removed = torch.arange(start, stop, device=features.device).unsqueeze(1)
-    return features[keep + (keep >= removed)]
+    index = (keep + (keep >= removed)).reshape(-1)
+    return features.index_select(0, index).view(stop - start, length - 1, *features.shape[1:])  # faster than [index]
 
 
 @torch.inference_mode()
@@ -76,17 +77,31 @@ def measured_effects(model: torch.nn.Module, features: np.ndarray | torch.Tensor
     if length < 2:
         return np.full(length, np.nan)
     model.eval()
-    full = float(_model_scores(model, x.unsqueeze(0))[0]) if score is None else float(score)
     # A head that can score every clip-removed video exactly in one pass (the clip-additive head) does so.
     exact = getattr(model, "scores_without_each_clip", None)
     without = exact(x) if exact is not None else None
     if without is not None:
+        full = float(_model_scores(model, x.unsqueeze(0))[0]) if score is None else float(score)
         return full - without.double().cpu().numpy()
+    members = getattr(model, "members", None)
+    if members is not None and len(members) > 1:
+        # An ensemble's score is the mean of its members' scores, so its effects are the mean of theirs; each
+        # member then takes its own per-clip shortcut below.
+        return np.mean([measured_effects(m, x, device=device) for m in members], axis=0)
+    full = float(_model_scores(model, x.unsqueeze(0))[0]) if score is None else float(score)
+    # The head's per-clip first step (a projection) is the same in every clip-removed copy: applied once here,
+    # the copies then run only the rest of the head (about 40% fewer FLOPs for GDLT and CoFInAl).
+    mapped = model.map_each_clip(x.unsqueeze(0)) if hasattr(model, "map_each_clip") else None
+    if mapped is not None:
+        rows, scores_of = mapped[0], (lambda batch: model.forward_mapped(batch).score.double())
+    else:
+        rows, scores_of = x, (lambda batch: _model_scores(model, batch))
+    # Chunks sized by the input features, which bounds the activations of the rest as before.
     chunk = max(1, CHUNK_FLOATS // ((length - 1) * dim))
     out = np.empty(length, dtype=np.float64)
     for start in range(0, length, chunk):
         stop = min(start + chunk, length)
-        out[start:stop] = full - _model_scores(model, without_each_clip(x, start, stop)).cpu().numpy()
+        out[start:stop] = full - scores_of(without_each_clip(rows, start, stop)).cpu().numpy()
     return out
 
 

@@ -100,16 +100,23 @@ def test_context_makes_the_explanation_approximate_and_the_metric_says_so():
 # ------------------------------------------------------------------------------------------------ measuring
 
 
-@pytest.mark.parametrize("name", ["gdlt", "interp", "additive"])
-def test_measured_effects_equal_an_independent_recomputation(name, monkeypatch):
-    torch.manual_seed(1)
-    head = create_head(name, {"in_dim": DIM, "hidden_dim": 16, "dropout": 0.0, "score_min": 0.0,
-                              "score_max": 20.0}).eval()
-    x = videos(1, seed=5)[0]
+def one_at_a_time(head: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    """D_t recomputed the plain way: the head's forward on the video with clip t deleted, one clip at a time."""
     with torch.no_grad():
         full = float(head(torch.tensor(x)[None]).score)
-        alone = np.array([full - float(head(torch.tensor(np.delete(x, t, axis=0))[None]).score)
-                          for t in range(len(x))])
+        return np.array([full - float(head(torch.tensor(np.delete(x, t, axis=0))[None]).score)
+                         for t in range(len(x))])
+
+
+@pytest.mark.parametrize("name", ["gdlt", "cofinal", "interp", "additive"])
+def test_measured_effects_equal_an_independent_recomputation(name, monkeypatch):
+    torch.manual_seed(1)
+    small = {"cofinal": {"n_subgrades": 8}}.get(name, {})  # its ETF needs as many dimensions as sub-grades
+    head = create_head(name, {"in_dim": DIM, "hidden_dim": 16, "dropout": 0.0, "score_min": 0.0,
+                              "score_max": 20.0, **small}).eval()
+    x = videos(1, seed=5)[0]
+    alone = one_at_a_time(head, x)
+    assert np.ptp(alone) > 1e-4  # the clips do differ, so a wrong shortcut would show
     np.testing.assert_allclose(measured_effects(head, x), alone, **CROSS_INSTANCE)
     # Chunked (a few removed clips per batch) or not, the same effects.
     monkeypatch.setattr(effects, "CHUNK_FLOATS", 3 * (len(x) - 1) * DIM)
@@ -118,6 +125,27 @@ def test_measured_effects_equal_an_independent_recomputation(name, monkeypatch):
         assert head.scores_without_each_clip(torch.tensor(x)) is not None
         monkeypatch.setattr(type(head), "scores_without_each_clip", lambda self, f: None)
         np.testing.assert_allclose(measured_effects(head, x), alone, **CROSS_INSTANCE)
+    else:  # the per-clip steps applied once per video, and the whole head on every copy, agree
+        assert head.map_each_clip(torch.tensor(x)[None]) is not None
+        assert head.train().map_each_clip(torch.tensor(x)[None]) is None  # BatchNorm mixes clips in training
+        head.eval()
+        monkeypatch.setattr(type(head), "map_each_clip", lambda self, f: None)
+        np.testing.assert_allclose(measured_effects(head, x), alone, **CROSS_INSTANCE)
+
+
+def test_an_ensembles_effects_are_its_members_mean_and_match_a_recomputation():
+    from aqa_cli.heads.checkpoint import HeadEnsemble
+
+    members = []
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        members.append(create_head("gdlt", {"in_dim": DIM, "hidden_dim": 16, "dropout": 0.0, "score_min": 0.0,
+                                            "score_max": 20.0}).eval())
+    ensemble = HeadEnsemble(members).eval()
+    x = videos(1, seed=7)[0]
+    alone = one_at_a_time(ensemble, x)
+    np.testing.assert_allclose(measured_effects(ensemble, x), alone, **CROSS_INSTANCE)
+    np.testing.assert_allclose(alone, np.mean([one_at_a_time(m, x) for m in members], axis=0), **CROSS_INSTANCE)
 
 
 def test_deletion_area_is_positive_for_the_true_order_and_not_for_its_reverse():

@@ -181,3 +181,58 @@ def test_damaged_or_foreign_checkpoints_are_refused(tmp_path):
     save_safetensors({"w": torch.zeros(2)}, foreign, {"format": "something-else"})
     with pytest.raises(WeightsError, match="not an aqa head checkpoint"):
         load_head(foreign)
+
+
+# ---------------------------------------------------------------- the shared transformer pieces against torch's own
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+@pytest.mark.parametrize("queries", [3, 40])  # 3 over 40 keys: the folded projections; 40: the plain ones
+def test_attention_with_map_is_torchs_multihead_attention(heads, queries):
+    from aqa_cli.heads.layers import attention_with_map
+
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(64, heads, batch_first=True).eval()
+    q, memory = torch.randn(2, queries, 64), torch.randn(2, 40, 64)
+    pad = torch.zeros(2, 40, dtype=torch.bool)
+    pad[1, 25:] = True
+    causal = torch.rand(queries, 40) > 0.8
+    causal[:, 0] = False
+    for kwargs in ({}, {"key_padding_mask": pad}, {"attn_mask": causal}):
+        with torch.no_grad():
+            want, want_map = mha(q, memory, memory, need_weights=True, average_attn_weights=True, **kwargs)
+            got, got_map = attention_with_map(mha, q, memory, memory, **kwargs)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_map, want_map, atol=1e-6, rtol=1e-5)
+    # Gradients flow through either form the same way (training uses it too).
+    mha.train()
+    mha.dropout = 0.0
+    grads = []
+    for output in (lambda: mha(q, memory, memory, key_padding_mask=pad)[0],
+                   lambda: attention_with_map(mha, q, memory, memory, key_padding_mask=pad)[0]):
+        mha.zero_grad()
+        output().square().sum().backward()
+        grads.append(torch.cat([mha.in_proj_weight.grad.flatten(), mha.out_proj.weight.grad.flatten()]))
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_clip_encoder_is_torchs_transformer_encoder(heads):
+    from aqa_cli.heads.layers import encoder
+
+    torch.manual_seed(0)
+    enc = encoder(64, heads, 2, 192, 0.0).eval()
+    x = torch.randn(3, 17, 64)
+    pad = torch.zeros(3, 17, dtype=torch.bool)
+    pad[1, 10:] = True
+    with torch.no_grad():
+        for kwargs in ({}, {"src_key_padding_mask": pad}):
+            want = torch.nn.TransformerEncoder.forward(enc, x, **kwargs)
+            got = enc(x, **kwargs)
+            real = ~pad if kwargs else torch.ones_like(pad)
+            torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+            if heads == 1:  # torch's path for an odd head count is the same arithmetic, bit for bit
+                assert torch.equal(got[real], want[real])
+        projected = enc.project_first(x)
+        assert projected.shape == (3, 17, 4 * 64)
+        assert torch.equal(enc.forward_projected(projected, pad), enc(x, src_key_padding_mask=pad))

@@ -109,6 +109,19 @@ class Head(nn.Module):
         those tensors' rows for the batch."""
         raise NotImplementedError
 
+    # -- a shortcut for the measured effects (aqa_cli.effects): the part of the forward pass that reads each clip
+    # alone, computed once per video instead of once per clip-removed copy of it
+
+    def map_each_clip(self, features: Tensor) -> Tensor | None:
+        """[B, T, in] → [B, T, e]: the head's first step where, in eval mode, clip t's output depends on clip t
+        alone (a per-clip projection), or None when the head has no such step (or is training, when BatchNorm
+        mixes clips). ``forward(f, m)`` equals ``forward_mapped(map_each_clip(f), m)`` wherever it is not None."""
+        return None
+
+    def forward_mapped(self, mapped: Tensor, mask: Tensor | None = None) -> HeadOutput:
+        """The rest of the forward pass, from :meth:`map_each_clip`'s output (mask None: every clip is real)."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-clip map")
+
     # -- hooks for heads that learn from more than the score (defaults: they read nothing else)
 
     @classmethod

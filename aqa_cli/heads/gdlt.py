@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aqa_cli.heads import Head, HeadConfig, HeadOutput, attention_decomposition, check_inputs
+from aqa_cli.heads import Head, HeadConfig, HeadOutput, attention_decomposition, check_inputs, full_mask
 from aqa_cli.heads.layers import ClipProjection, decode_grades, grade_transformer, official_stem_shapes
 from aqa_cli.heads.layers import official_state_dict as state_dict_from_official
 from aqa_cli.heads.layers import sigmoid_normalised
@@ -64,9 +64,20 @@ class GDLT(Head):
 
     def forward(self, features: Tensor, mask: Tensor | None = None) -> HeadOutput:
         mask = check_inputs(features, mask, self.config.in_dim)
+        return self.forward_mapped(self._map(features), mask)
+
+    def _map(self, features: Tensor) -> Tensor:
+        """The per-clip steps: the projection, and the encoder's first q, k, v of it ([B, T, 4·hidden])."""
+        return self.transformer.encoder.project_first(self.in_proj(features))
+
+    def map_each_clip(self, features: Tensor) -> Tensor | None:
+        # The projection's BatchNorm uses its running statistics in eval mode: then each clip maps alone.
+        return None if self.training else self._map(features)
+
+    def forward_mapped(self, x: Tensor, mask: Tensor | None = None) -> HeadOutput:
+        mask = full_mask(x) if mask is None else mask.bool()
         pad = ~mask
-        x = self.in_proj(features)
-        memory = self.transformer.encoder(x, src_key_padding_mask=pad)
+        memory = self.transformer.encoder.forward_projected(x, src_key_padding_mask=pad)
         q, cross = decode_grades(self.transformer, self.prototype, memory, pad)
         responses = torch.diagonal(self.regressor(q), dim1=-2, dim2=-1)  # [B, G]
         probs = sigmoid_normalised(responses)

@@ -70,7 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aqa_cli.heads import Head, HeadConfig, HeadOutput, check_inputs
+from aqa_cli.heads import Head, HeadConfig, HeadOutput, check_inputs, full_mask
 from aqa_cli.heads.layers import decoder_layer
 
 
@@ -204,13 +204,28 @@ class InterpHead(Head):
 
     def forward(self, features: Tensor, mask: Tensor | None = None) -> HeadOutput:
         mask = check_inputs(features, mask, self.config.in_dim)
+        return self._forward(features, mask, mapped=False)
+
+    def map_each_clip(self, features: Tensor) -> Tensor | None:
+        # In eval mode the input BatchNorm uses its running statistics: then each clip maps alone.
+        if self.training:
+            return None
+        b, t, d = features.shape
+        return self.in_proj(self.in_norm(features.reshape(b * t, d))).reshape(b, t, -1)
+
+    def forward_mapped(self, mapped: Tensor, mask: Tensor | None = None) -> HeadOutput:
+        return self._forward(mapped, full_mask(mapped) if mask is None else mask.bool(), mapped=True)
+
+    def _forward(self, features: Tensor, mask: Tensor, *, mapped: bool) -> HeadOutput:
         batch, length, _ = features.shape
         n_layers, d = len(self.decoder), self.config.hidden_dim
         # Real clips first, in their order: clip t of a video is its t-th real clip, whatever the padding.
         order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices
         compact_mask = mask.gather(1, order)
         # Only real clips go through the input layers, so padding never enters the BatchNorm statistics.
-        real = self.in_proj(self.in_norm(features.gather(1, order.unsqueeze(-1).expand_as(features))[compact_mask]))
+        real = features.gather(1, order.unsqueeze(-1).expand_as(features))[compact_mask]
+        if not mapped:
+            real = self.in_proj(self.in_norm(real))
         memory = real.new_zeros(batch, length, real.shape[-1])
         memory[compact_mask] = real
         lengths = mask.sum(dim=1)

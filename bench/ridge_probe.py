@@ -1,0 +1,99 @@
+"""A linear ridge probe on mean-pooled clip features, under the same repeated K-fold CV as `aqa train`.
+
+    python bench/ridge_probe.py                 # TES and PCS, 3 x 5 folds, seed 0 (the shipped heads' folds)
+    python bench/ridge_probe.py --repeats 5 --targets PCS
+
+Why: the probe is additive per clip (score = mean over clips of w·x_t + b), so its explanation is
+exact, and issue 13 reports it as accurate held out as the papers' heads. It is the baseline a
+faithful head has to beat. The ridge strength is chosen inside each training fold by exact
+leave-one-out error (no peeking at the held-out fold); features are standardised on the training
+fold only. The folds are `aqa_cli.training.fold_assignment` with the same seeds as
+`aqa train --folds 5 --repeats R --seed 0`, so the figures pair fold by fold with weights/README's.
+Prints a Markdown table; writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+FISV = REPO.parent / "shared" / "data" / "fisv"
+ALPHAS = np.logspace(-1, 5, 25)
+
+
+def loo_alpha(x: np.ndarray, y: np.ndarray) -> float:
+    """The ridge strength of least exact leave-one-out squared error (hat-matrix shortcut, via the SVD)."""
+    xc, yc = x - x.mean(0), y - y.mean()
+    u, s, _ = np.linalg.svd(xc, full_matrices=False)
+    uy = u.T @ yc
+    n = len(y)
+    best, best_err = ALPHAS[0], np.inf
+    for a in ALPHAS:
+        shrink = s**2 / (s**2 + a)
+        fit = u @ (shrink * uy)
+        hat = (u**2 * shrink).sum(1) + 1.0 / n  # the intercept's leverage too
+        err = np.mean(((yc - fit) / (1 - hat)) ** 2)
+        if err < best_err:
+            best, best_err = a, err
+    return float(best)
+
+
+def ridge_fit_predict(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray) -> tuple[np.ndarray, float]:
+    mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
+    a, b = (x_tr - mu) / sd, (x_te - mu) / sd
+    alpha = loo_alpha(a, y_tr)
+    am = a.mean(0)
+    w = np.linalg.solve((a - am).T @ (a - am) + alpha * np.eye(a.shape[1]), (a - am).T @ (y_tr - y_tr.mean()))
+    return (b - am) @ w + y_tr.mean(), alpha
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--targets", nargs="+", default=["TES", "PCS"])
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if not FISV.is_dir():
+        print(f"skipped: {FISV} is absent (the Fis-V features live in ../shared)")
+        return 0
+    sys.path.insert(0, str(REPO))
+    from aqa_cli.dataset import load_feature_set
+    from aqa_cli.training import REPEAT_SEED_STRIDE, fold_assignment
+
+    print("| target | CV folds | ridge probe CV ρ mean ± std (± s.e.) | out-of-fold ρ per repeat | LOO-chosen α (median) |")
+    print("| --- | --- | --- | --- | --- |")
+    for target in args.targets:
+        data = load_feature_set(FISV / "features", FISV / "train.csv", target)
+        x = np.stack([np.asarray(f, dtype=np.float64).mean(0) for f in data.features])
+        y = np.asarray(data.targets, dtype=np.float64)
+        per_repeat, fold_rhos, alphas = [], [], []
+        for r in range(args.repeats):
+            assign = fold_assignment(data.targets, args.folds, args.seed + r * REPEAT_SEED_STRIDE)
+            oof = np.empty(len(y))
+            for k in range(args.folds):
+                te, tr = assign == k, assign != k
+                oof[te], alpha = ridge_fit_predict(x[tr], y[tr], x[te])
+                alphas.append(alpha)
+                fold_rhos.append(spearman(oof[te], y[te]))
+            per_repeat.append(spearman(oof, y))
+        # Mean and s.e. over all repeats x folds, as `aqa train --repeats` reports them (CVResult.se_rho).
+        sd = float(np.std(fold_rhos, ddof=1))
+        print(f"| {target} | {args.repeats} × {args.folds} | {np.mean(fold_rhos):.3f} ± {sd:.3f} "
+              f"(± {sd / np.sqrt(len(fold_rhos)):.3f}) | {' '.join(f'{v:.3f}' for v in per_repeat)} | "
+              f"{np.median(alphas):.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
