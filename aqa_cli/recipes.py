@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torchvision.transforms.v2 import functional as TF
 
 from aqa_cli.clips import LEFTOVER_POLICIES
 
@@ -116,6 +115,10 @@ class Recipe:
         Steps, in order: short-side resize (:meth:`resized_size`), centre crop
         (:meth:`crop_box`), then the optional second resize to ``final_size``.
         """
+        # Imported here: torchvision takes about 2 s to import, which commands that never decode (train, evaluate,
+        # weights, score from features) need not pay.
+        from torchvision.transforms.v2 import functional as TF
+
         x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
         mode = TF.InterpolationMode(self.interpolation)
         size = self.resized_size(*x.shape[-2:])
@@ -130,7 +133,7 @@ class Recipe:
     def normalize(self, clips: torch.Tensor) -> torch.Tensor:
         """uint8 [B, T, h, w, 3] → float32 [B, 3, T, h, w], normalised."""
         # Contiguous in the new order: a float copy of the permuted view would keep its strides (a
-        # channels-last-like layout), and the convolutions then run 15-25% slower on the CPU (bench_backbones).
+        # channels-last-like layout), on which I3D ran up to 25% slower on the CPU (README, Benchmarks).
         x = clips.permute(0, 4, 1, 2, 3).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1, 1)

@@ -82,6 +82,9 @@ class CVResult:
     oof_report: dict[str, float] = field(default_factory=dict)
     repeats: int = 1
     repeat_oof_rhos: list[float] = field(default_factory=list)  # each repeat's out-of-fold ρ
+    # Each repeat's out-of-fold predictions (repeat 0's are oof_predictions): what a blend of two runs on the same
+    # folds needs, without refitting either (their logs' cv_oof_repeats).
+    repeat_oof: list[np.ndarray] = field(default_factory=list)
     # Faithfulness (mean over held-out videos of ρ(D^, D)) and deletion area of the fold models' explanations.
     explanation: dict[str, Any] = field(default_factory=dict)
 
@@ -316,6 +319,7 @@ def cross_validate(head_name: str, config: HeadConfig | dict, data: FeatureSet, 
     start = time.perf_counter()
     rhos, sizes, heads, histories, repeat_rhos, explained = [], [], [], [], [], []
     oof = np.empty(len(data), dtype=np.float64)
+    repeat_oof: list[np.ndarray] = []
     assign0 = None
     for r in range(max(1, repeats)):
         s_r = seed + r * REPEAT_SEED_STRIDE
@@ -338,11 +342,12 @@ def cross_validate(head_name: str, config: HeadConfig | dict, data: FeatureSet, 
                 heads.extend(members)  # flat: `--final folds` ships every fold's members as one ensemble
                 histories.append(res.history)
         repeat_rhos.append(spearman(oof_r, data.targets))
+        repeat_oof.append(oof_r)
         if r == 0:
             oof, assign0 = oof_r, assign
     result = CVResult(folds=folds, fold_rhos=rhos, fold_sizes=sizes, oof_predictions=oof, heads=heads,
                       histories=histories, seconds=time.perf_counter() - start, assignment=assign0,
-                      repeats=max(1, repeats), repeat_oof_rhos=repeat_rhos)
+                      repeats=max(1, repeats), repeat_oof_rhos=repeat_rhos, repeat_oof=repeat_oof)
     result.oof_report = report(oof, data.targets)
     if explained:
         weights = np.array([e["n"] for e in explained], dtype=np.float64)
@@ -436,6 +441,8 @@ def run_train_job(job: TrainJob, *, on_epoch: EpochCallback | None = None,
         # Out-of-fold predictions by video, so runs sharing the folds (same seed and data) can be compared and
         # combined without retraining.
         log["cv_oof"] = {vid: float(p) for vid, p in zip(data.ids, cv.oof_predictions)}
+        if cv.repeats > 1:
+            log["cv_oof_repeats"] = [{vid: float(p) for vid, p in zip(data.ids, oof_r)} for oof_r in cv.repeat_oof]
     if job.final == "all":
         if on_stage:
             on_stage("final model on all videos", stages - 1, stages)
@@ -498,7 +505,7 @@ def reused_cv(path: str, log: dict[str, Any], folds: int, repeats: int = 1) -> d
     if differ:
         raise AqaError(f"the earlier run differs from this one in {', '.join(differ)}", path=path,
                        fix="repeat its settings exactly, or drop --cv-from to cross-validate again")
-    taken = {k: earlier[k] for k in ("cv", "cv_histories", "cv_oof") if k in earlier}
+    taken = {k: earlier[k] for k in ("cv", "cv_histories", "cv_oof", "cv_oof_repeats") if k in earlier}
     taken["cv_reused_from"] = Path(path).name
     return taken
 

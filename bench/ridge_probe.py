@@ -10,6 +10,11 @@ leave-one-out error (no peeking at the held-out fold); features are standardised
 fold only. The folds are `aqa_cli.training.fold_assignment` with the same seeds as
 `aqa train --folds 5 --repeats R --seed 0`, so the figures pair fold by fold with weights/README's.
 Prints a Markdown table; writes nothing.
+
+``--blend`` also averages the probe with a shipped fold ensemble's out-of-fold scores (``bench/cv_blend.py``'s
+reading of the file: fold k's model scores the videos of fold k), on repeat 0, whose folds are the file's:
+
+    python bench/ridge_probe.py --blend weights/fisv-tes-additive.safetensors weights/fisv-pcs-additive.safetensors
 """
 
 from __future__ import annotations
@@ -63,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--blend", nargs="*", default=[], type=Path,
+                   help="fold-ensemble head files (--final folds, seed 0) to average with the probe, on repeat 0")
     args = p.parse_args(argv)
     if not FISV.is_dir():
         print(f"skipped: {FISV} is absent (the Fis-V features live in ../shared)")
@@ -92,7 +99,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {target} | {args.repeats} × {args.folds} | {np.mean(fold_rhos):.3f} ± {sd:.3f} "
               f"(± {sd / np.sqrt(len(fold_rhos)):.3f}) | {' '.join(f'{v:.3f}' for v in per_repeat)} | "
               f"{np.median(alphas):.0f} |")
+    if args.blend:
+        blend_table(args.blend, args.folds)
     return 0
+
+
+def blend_table(paths: list[Path], folds: int) -> None:
+    """Mean fold ρ of each file's out-of-fold scores, of the probe's on the same folds, and of their average."""
+    from cv_blend import out_of_fold
+
+    from aqa_cli.dataset import load_feature_set
+    from aqa_cli.heads.checkpoint import load_head
+
+    print()
+    print("| file | target | its CV ρ (repeat 0) | ridge probe, same folds | average of the two |")
+    print("| --- | --- | --- | --- | --- |")
+    for path in paths:
+        target = load_head(path).target
+        data = load_feature_set(FISV / "features", FISV / "train.csv", target)
+        oof, assign, _ = out_of_fold(path, data)
+        x = np.stack([np.asarray(f, dtype=np.float64).mean(0) for f in data.features])
+        y = np.asarray(data.targets, dtype=np.float64)
+        probe = np.empty(len(y))
+        for k in range(folds):
+            te = assign == k
+            probe[te], _ = ridge_fit_predict(x[~te], y[~te], x[te])
+
+        def fold_mean(pred: np.ndarray) -> float:
+            return float(np.mean([spearman(pred[assign == k], y[assign == k]) for k in range(folds)]))
+
+        print(f"| `{path.name}` | {target} | {fold_mean(oof):.3f} | {fold_mean(probe):.3f} | "
+              f"{fold_mean((oof + probe) / 2):.3f} |")
 
 
 if __name__ == "__main__":

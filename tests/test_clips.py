@@ -106,3 +106,19 @@ def test_decoded_clips_deliver_the_planned_frames_30_to_25(tmp_path):
                 got.append([read_index(f) for f in batch[0]])
         expected = [[(i * 30) // 25 for i in range(8 + 32 * k, 8 + 32 * (k + 1))] for k in range(2)]
         assert got == expected, decoder
+
+
+def test_normalize_returns_contiguous_clips_with_the_recipes_values():
+    """The float clips the backbones read are contiguous [B, 3, T, h, w]: a copy of the permuted uint8 view
+    would keep its strides, a channels-last layout on which I3D ran up to 25% slower on the CPU."""
+    import torch
+
+    from aqa_cli.recipes import GDLT_RECIPE, I3D_RECIPE
+
+    clips = torch.randint(0, 256, (2, 4, 8, 6, 3), dtype=torch.uint8)
+    for recipe in (I3D_RECIPE, GDLT_RECIPE):
+        x = recipe.normalize(clips)
+        assert x.shape == (2, 3, 4, 8, 6) and x.dtype == torch.float32 and x.is_contiguous()
+        mean = torch.tensor(recipe.mean).view(1, 3, 1, 1, 1)
+        std = torch.tensor(recipe.std).view(1, 3, 1, 1, 1)
+        torch.testing.assert_close(x, (clips.permute(0, 4, 1, 2, 3).float() / 255.0 - mean) / std)

@@ -151,7 +151,7 @@ def test_killed_run_resumes_to_identical_outputs(tmp_path):
     videos = tmp_path / "videos"
     videos.mkdir()
     for k in range(3):
-        write_video(videos / f"v{k}.mp4", moving_scene(160, 240, 320, seed=k), 25)  # 5 clips each
+        write_video(videos / f"v{k}.mp4", moving_scene(96, 240, 320, seed=k), 25)  # 3 clips each
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "aqa_cli", "extract-features", str(videos), "--out", str(out), "--batch-size", "1"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

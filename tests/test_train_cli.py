@@ -220,3 +220,20 @@ def test_official_import_refuses_code_and_wrong_models(tmp_path):
     with pytest.raises(AqaError, match="is not an official gdlt checkpoint"):
         import_official_head(other, "gdlt", tmp_path / "y.safetensors")
     assert not (tmp_path / "y.safetensors").exists()
+
+
+def test_repeated_cross_validation_draws_new_folds_and_keeps_every_repeats_predictions(tmp_path):
+    from aqa_cli.training import REPEAT_SEED_STRIDE, TrainSettings, cross_validate, spearman
+
+    write_set(tmp_path / "f", n=18)
+    data = load_feature_set(tmp_path / "f", tmp_path / "f" / "labels.csv", "TES")
+    config = {"in_dim": 16, "hidden_dim": 8, "dropout": 0.0, "score_min": 0.0, "score_max": 40.0}
+    cv = cross_validate("additive", config, data, TrainSettings(epochs=2, batch_size=6, crop=6), folds=3, seed=3,
+                        repeats=2, explain=False)
+    assert cv.repeats == 2 and len(cv.fold_rhos) == 6 and len(cv.repeat_oof) == 2
+    assert np.array_equal(cv.repeat_oof[0], cv.oof_predictions)
+    for oof_r, rho in zip(cv.repeat_oof, cv.repeat_oof_rhos):
+        assert np.isfinite(oof_r).all() and rho == pytest.approx(spearman(oof_r, data.targets))
+    # Repeat r draws its folds from seed + r × stride: other folds, so other out-of-fold predictions.
+    assert not np.array_equal(fold_assignment(data.targets, 3, 3), fold_assignment(data.targets, 3, 3 + REPEAT_SEED_STRIDE))
+    assert not np.allclose(cv.repeat_oof[0], cv.repeat_oof[1])

@@ -83,10 +83,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aqa_cli.errors import AqaError
-from aqa_cli.heads import Head, HeadConfig, HeadOutput, attention_decomposition, check_inputs, full_mask
-from aqa_cli.heads.layers import ClipProjection, decode_grades, grade_transformer
+from aqa_cli.heads import HeadConfig, HeadOutput, attention_decomposition, full_mask
+from aqa_cli.heads.layers import (
+    ClipProjection,
+    ProjectedClipsHead,
+    decode_grades,
+    grade_transformer,
+    official_stem_shapes,
+    sigmoid_normalised,
+)
 from aqa_cli.heads.layers import official_state_dict as state_dict_from_official
-from aqa_cli.heads.layers import official_stem_shapes, sigmoid_normalised
 
 FINE_HEADS = ("paper", "official")
 
@@ -192,7 +198,7 @@ class ProcedureFusion(nn.Module):
         return F.linear(attn @ x, self.value.weight, self.value.bias), attn
 
 
-class CoFInAl(Head):
+class CoFInAl(ProjectedClipsHead):
     name = "cofinal"
     config_class = CoFInAlConfig
 
@@ -225,18 +231,6 @@ class CoFInAl(Head):
         self.register_buffer("revert_values", torch.tensor(revert), persistent=False)
 
     # ---------------------------------------------------------------------------------------- forward
-
-    def forward(self, features: Tensor, mask: Tensor | None = None) -> HeadOutput:
-        mask = check_inputs(features, mask, self.config.in_dim)
-        return self.forward_mapped(self._map(features), mask)
-
-    def _map(self, features: Tensor) -> Tensor:
-        """The per-clip steps: the projection, and the encoder's first q, k, v of it ([B, T, 4·hidden])."""
-        return self.transformer.encoder.project_first(self.in_proj(features))
-
-    def map_each_clip(self, features: Tensor) -> Tensor | None:
-        # The projection's BatchNorm uses its running statistics in eval mode: then each clip maps alone.
-        return None if self.training else self._map(features)
 
     def forward_mapped(self, x: Tensor, mask: Tensor | None = None) -> HeadOutput:
         c = self.config

@@ -27,10 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aqa_cli.heads import Head, HeadConfig, HeadOutput, attention_decomposition, check_inputs, full_mask
-from aqa_cli.heads.layers import ClipProjection, decode_grades, grade_transformer, official_stem_shapes
+from aqa_cli.heads import HeadConfig, HeadOutput, attention_decomposition, full_mask
+from aqa_cli.heads.layers import (
+    ClipProjection,
+    ProjectedClipsHead,
+    decode_grades,
+    grade_transformer,
+    official_stem_shapes,
+    sigmoid_normalised,
+)
 from aqa_cli.heads.layers import official_state_dict as state_dict_from_official
-from aqa_cli.heads.layers import sigmoid_normalised
 
 
 @dataclass
@@ -48,7 +54,7 @@ class GDLTConfig(HeadConfig):
     mse_weight: float = 1.0
 
 
-class GDLT(Head):
+class GDLT(ProjectedClipsHead):
     name = "gdlt"
     config_class = GDLTConfig
 
@@ -61,18 +67,6 @@ class GDLT(Head):
         self.prototype = nn.Embedding(c.n_grades, c.hidden_dim)
         self.regressor = nn.Linear(c.hidden_dim, c.n_grades)
         self.register_buffer("grade_values", torch.linspace(0, 1, c.n_grades), persistent=False)
-
-    def forward(self, features: Tensor, mask: Tensor | None = None) -> HeadOutput:
-        mask = check_inputs(features, mask, self.config.in_dim)
-        return self.forward_mapped(self._map(features), mask)
-
-    def _map(self, features: Tensor) -> Tensor:
-        """The per-clip steps: the projection, and the encoder's first q, k, v of it ([B, T, 4·hidden])."""
-        return self.transformer.encoder.project_first(self.in_proj(features))
-
-    def map_each_clip(self, features: Tensor) -> Tensor | None:
-        # The projection's BatchNorm uses its running statistics in eval mode: then each clip maps alone.
-        return None if self.training else self._map(features)
 
     def forward_mapped(self, x: Tensor, mask: Tensor | None = None) -> HeadOutput:
         mask = full_mask(x) if mask is None else mask.bool()

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from aqa_cli.heads import Head, HeadOutput, check_inputs
+
 
 def attention_with_map(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
                        key_padding_mask: Tensor | None = None,
@@ -138,6 +140,24 @@ def _self_attention(mha: nn.MultiheadAttention, qkv: Tensor, attn_mask: Tensor |
     p = mha.dropout if mha.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # [B, heads, T, dh]
     return mha.out_proj(out.transpose(1, 2).reshape(b, t, e3 // 3))
+
+
+class ProjectedClipsHead(Head):
+    """A head that opens with a :class:`ClipProjection` (``in_proj``) and a :class:`ClipEncoder`
+    (``transformer.encoder``): GDLT and CoFInAl. Both steps before the encoder's first attention read each clip
+    alone, so they are the head's per-clip map (``Head.map_each_clip``); subclasses write ``forward_mapped``."""
+
+    def forward(self, features: Tensor, mask: Tensor | None = None) -> HeadOutput:
+        mask = check_inputs(features, mask, self.config.in_dim)
+        return self.forward_mapped(self._map(features), mask)
+
+    def _map(self, features: Tensor) -> Tensor:
+        """The projection, and the encoder's first q, k, v of it: [B, T, 4·hidden]."""
+        return self.transformer.encoder.project_first(self.in_proj(features))
+
+    def map_each_clip(self, features: Tensor) -> Tensor | None:
+        # The projection's BatchNorm uses its running statistics in eval mode: then each clip maps alone.
+        return None if self.training else self._map(features)
 
 
 def encoder(d_model: int, nhead: int, num_layers: int, dim_feedforward: int, dropout: float) -> nn.TransformerEncoder:
