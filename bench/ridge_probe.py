@@ -57,9 +57,9 @@ def ridge_fit_predict(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray) -> t
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy.stats import spearmanr
+    from aqa_cli.metrics import spearman as rho  # the figure aqa train reports
 
-    return float(spearmanr(a, b).statistic)
+    return rho(a, b)
 
 
 def main(argv: list[str] | None = None) -> int:
