@@ -282,6 +282,11 @@ def fit(head_name: str, config: HeadConfig | dict, data: FeatureSet, settings: T
     if averaged is not None:
         head.load_state_dict(averaged.module.state_dict())
     head.eval()
+    # A part fitted in closed form (the additive head's linear probe) comes last, on the same training videos;
+    # it draws no random numbers, so the trained part is the same with it or without.
+    fit_closed_form = getattr(head, "fit_closed_form", None)
+    if fit_closed_form is not None:
+        fit_closed_form(data)
     return FitResult(head=head, history=history, seconds=time.perf_counter() - start)
 
 

@@ -207,3 +207,65 @@ def test_table_says_plainly_when_the_weights_are_not_the_reason():
     assert not r.explanation_faithful and "do NOT say" in explanation_line(r)
     r.faithfulness = 0.95
     assert r.explanation_faithful and "faithful" in explanation_line(r)
+
+
+# ---------------------------------------------------------------- the additive head with its linear probe
+
+
+def probe_data(n: int = 30, seed: int = 0):
+    """Videos whose score is linear in their mean clip feature plus noise, as a FeatureSet."""
+    from pathlib import Path
+
+    from aqa_cli.dataset import FeatureSet
+
+    rng = np.random.default_rng(seed)
+    feats = [rng.normal(size=(int(rng.integers(5, 12)), DIM)).astype(np.float32) for _ in range(n)]
+    beta = rng.normal(size=DIM)
+    targets = np.array([10 + 3 * f.mean(0) @ beta + rng.normal(scale=0.3) for f in feats])
+    return FeatureSet(ids=[str(i) for i in range(n)], features=feats, targets=targets, feature_dir=Path("."),
+                      labels_path=Path("labels.csv"), target_name="score")
+
+
+@torch.no_grad()
+def test_the_probe_is_the_ridge_on_video_means_and_the_blend_scores_exactly_without_each_clip(tmp_path):
+    from aqa_cli.heads.additive import ridge_on_video_means
+
+    data = probe_data()
+    head = create_head("additive", {"in_dim": DIM, "hidden_dim": 12, "dropout": 0.0, "score_min": 0.0,
+                                    "score_max": 20.0, "probe_share": 0.4}).eval()
+    plain = float(head(torch.tensor(data.features[0])[None]).score)  # before fitting: the additive part alone
+    head.fit_closed_form(data)
+    means = np.stack([f.astype(np.float64).mean(0) for f in data.features])
+    w, b, alpha = ridge_on_video_means(means, data.targets, None)
+    # The ridge against numpy's solve of its normal equations on standardised columns, at the chosen strength.
+    mu, sd = means.mean(0), means.std(0) + 1e-6
+    z = (means - mu) / sd
+    ref = np.linalg.solve(z.T @ z + alpha * np.eye(DIM), z.T @ (data.targets - data.targets.mean()))
+    np.testing.assert_allclose(w, ref / sd, rtol=1e-6, atol=1e-9)
+    assert np.corrcoef(means @ w + b, data.targets)[0, 1] > 0.9
+    x = torch.tensor(data.features[0])
+    out = head(x[None])
+    probe = float((x.double() @ torch.as_tensor(w) + b).mean())
+    assert float(out.score) == pytest.approx(0.6 * plain + 0.4 * probe, rel=1e-5)
+    assert float((out.weights * out.clip_scores).sum()) == pytest.approx(float(out.score), rel=1e-5)
+    assert float(out.weights.sum()) == pytest.approx(1.0, rel=1e-6)
+    np.testing.assert_allclose(measured_effects(head, data.features[0]), one_at_a_time(head, data.features[0]),
+                               **CROSS_INSTANCE)
+    fx = clip_effects(head, data.features[0])
+    assert fx.faithfulness > 0.9  # two true explanations summed: close to true, and measured
+    # The probe travels in the checkpoint.
+    path = save_head(tmp_path / "probe.safetensors", [head], {"target": "score"})
+    assert float(load_head(path).model(x[None]).score) == pytest.approx(float(out.score), rel=1e-6)
+
+
+def test_fitting_the_probe_leaves_the_trained_part_bit_for_bit_unchanged():
+    from aqa_cli.training import TrainSettings, fit
+
+    data = probe_data(n=16, seed=3)
+    base = {"in_dim": DIM, "hidden_dim": 8, "dropout": 0.0, "score_min": 0.0, "score_max": 20.0}
+    settings = TrainSettings(epochs=2, batch_size=4, crop=4, optimizer="adamw", lr=1e-3)
+    plain = fit("additive", base, data, settings, seed=5).head
+    blended = fit("additive", {**base, "probe_share": 0.5}, data, settings, seed=5).head
+    a, b = plain.state_dict(), blended.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert bool(blended.probe_fitted) and float(blended.probe_weight.abs().sum()) > 0

@@ -24,6 +24,20 @@ unchanged and only renormalises the softmax, so the score without clip t is
 the 2k neighbours of the removed clip change, so the explanation stays close to
 true (measured, not assumed: ``aqa evaluate`` reports it).
 
+A linear probe beside it (``probe_share`` α > 0): a ridge regression on the
+video's mean clip feature, fitted in closed form after the training steps, its
+strength chosen by exact leave-one-out error on the training videos. Being linear,
+the probe is a mean of per-clip scores p_t, so the blend is clip-additive too:
+
+    S = (1 − α) Σ_t w_t s_t + α · mean_t p_t
+
+Removing clip t renormalises the softmax and the mean, and the score without
+it is computed exactly in one pass. Its explanation (weights (1 − α) w_t + α/T,
+scores the matching weighted mean) is the sum of two true ones, which the
+faithfulness metric measures rather than assumes. Why: on Fis-V the probe alone
+is as accurate as this head and averaging the two was more accurate than
+either (weights/README.md).
+
 Auxiliary targets (``aux_targets``: label columns such as PCS while learning TES,
 or the deductions) share the trunk and the clip weights and are predicted as
 Σ_t w_t · s^aux_t. They regularise the trunk; the reported score and its
@@ -61,6 +75,35 @@ class AdditiveConfig(HeadConfig):
     aux_mean: list[float] = field(default_factory=list)
     aux_std: list[float] = field(default_factory=list)
     mse_weight: float = 1.0
+    # The linear probe's share α of the score (0: no probe) and its ridge strength on standardised video means
+    # (None: chosen by exact leave-one-out error among PROBE_ALPHAS on the training videos).
+    probe_share: float = 0.0
+    probe_alpha: float | None = None
+
+
+PROBE_ALPHAS = tuple(float(a) for a in np.logspace(-1, 5, 25))
+
+
+def ridge_on_video_means(x: np.ndarray, y: np.ndarray, alpha: float | None) -> tuple[np.ndarray, float, float]:
+    """Ridge regression of y on the rows of x (video means [n, D]) after standardising each column: (weights on
+    the raw columns, intercept, the strength used). With ``alpha`` None it is the one of least exact leave-one-out
+    squared error (the hat-matrix shortcut through one SVD), so no video is held out to choose it."""
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    z = (x - mu) / sd
+    zc, yc = z - z.mean(0), y - y.mean()
+    u, sv, vt = np.linalg.svd(zc, full_matrices=False)
+    uy = u.T @ yc
+    if alpha is None:
+        best = np.inf
+        for a in PROBE_ALPHAS:
+            shrink = sv**2 / (sv**2 + a)
+            hat = (u**2 * shrink).sum(1) + 1.0 / len(y)  # the intercept's leverage too
+            err = float(np.mean(((yc - u @ (shrink * uy)) / (1.0 - hat)) ** 2))
+            if err < best:
+                best, alpha = err, a
+    w = vt.T @ (sv / (sv**2 + alpha) * uy)  # on the standardised columns, whose training mean is 0
+    w_raw = w / sd
+    return w_raw, float(y.mean() - mu @ w_raw), float(alpha)
 
 
 class AdditiveHead(Head):
@@ -86,6 +129,14 @@ class AdditiveHead(Head):
         self.weight_out = nn.Linear(c.hidden_dim, 1)
         self.score_out = nn.Linear(c.hidden_dim, 1)
         self.aux_out = nn.Linear(c.hidden_dim, len(c.aux_targets)) if c.aux_targets else None
+        if not 0.0 <= c.probe_share < 1.0:
+            raise ValueError(f"probe_share must be in [0, 1), not {c.probe_share}")
+        if c.probe_share > 0:
+            # Buffers, not parameters: the probe is fitted in closed form (fit_closed_form), never by the optimiser.
+            # Until it is fitted (probe_fitted 0) the head is the additive part alone, so training is unchanged.
+            self.register_buffer("probe_weight", torch.zeros(c.in_dim))
+            self.register_buffer("probe_bias", torch.zeros(()))
+            self.register_buffer("probe_fitted", torch.zeros(()))
 
     # -- labels: the auxiliary columns
 
@@ -156,11 +207,37 @@ class AdditiveHead(Head):
         weights = torch.softmax(logits, dim=1)
         units = torch.sigmoid(self.score_out(h).squeeze(-1))
         clip_scores = self.denormalise(units) * mask
-        score = (weights * clip_scores).sum(dim=1)
         extras: dict[str, Tensor] = {}
         if self.aux_out is not None:
             extras["aux"] = (weights.unsqueeze(-1) * self.aux_out(h)).sum(dim=1)  # standardised, [B, n_aux]
+        if self._probe_on():
+            # S = (1 − α) Σ w_t s_t + α mean_t p_t, written as one explanation: weights (1 − α) w_t + α/T and the
+            # matching weighted mean of the two clip scores, which add up to S exactly.
+            alpha = self.config.probe_share
+            probe = (features @ self.probe_weight + self.probe_bias) * mask  # p_t, [B, T]
+            uniform = mask / mask.sum(dim=1, keepdim=True)
+            mixed = (1 - alpha) * weights + alpha * uniform
+            numerator = (1 - alpha) * weights * clip_scores + alpha * uniform * probe
+            extras["probe_clip_scores"], extras["additive_weights"] = probe, weights
+            clip_scores = torch.where(mixed > 0, numerator / mixed.clamp_min(torch.finfo(mixed.dtype).tiny),
+                                      torch.zeros_like(numerator))
+            weights = mixed
+        score = (weights * clip_scores).sum(dim=1)
         return HeadOutput(score=score, weights=weights, clip_scores=clip_scores, extras=extras)
+
+    def _probe_on(self) -> bool:
+        return self.config.probe_share > 0 and bool(self.probe_fitted)
+
+    @torch.no_grad()
+    def fit_closed_form(self, data) -> None:  # noqa: ANN001 - a FeatureSet
+        """Fit the linear probe, if the config has one, on ``data``'s videos (their mean clip features)."""
+        if self.config.probe_share <= 0:
+            return
+        means = np.stack([np.asarray(f, dtype=np.float64).mean(axis=0) for f in data.features])
+        w, b, _alpha = ridge_on_video_means(means, np.asarray(data.targets, dtype=np.float64), self.config.probe_alpha)
+        self.probe_weight.copy_(torch.as_tensor(w, dtype=self.probe_weight.dtype))
+        self.probe_bias.fill_(b)
+        self.probe_fitted.fill_(1.0)
 
     def scores_without_each_clip(self, features: Tensor) -> Tensor | None:
         """S(the video without clip t) for every t of one video [T, D], exactly, in one pass over its T clips.
@@ -177,7 +254,13 @@ class AdditiveHead(Head):
         scores = self.denormalise(torch.sigmoid(self.score_out(h).squeeze(-1))).double()
         e = torch.exp(logits - logits.max())
         num, den = (e * scores).sum() - e * scores, e.sum() - e
-        return (num / den).to(features.dtype)
+        without = num / den
+        if self._probe_on():
+            probe = (features @ self.probe_weight + self.probe_bias).double()
+            n = probe.shape[0]
+            alpha = self.config.probe_share
+            without = (1 - alpha) * without + alpha * (probe.sum() - probe) / (n - 1)
+        return without.to(features.dtype)
 
     def loss(self, out: HeadOutput, target: Tensor, labels: dict[str, Tensor] | None = None
              ) -> tuple[Tensor, dict[str, float]]:
