@@ -518,12 +518,7 @@ def weights_list() -> None:
         cv = _json_field(h.metadata, "cv")
         what = f"{h.head} head, {h.metadata.get('preset') or h.target}" + (
             f", {cv['folds']}-fold CV ρ {cv['mean_spearman']:.3f}" if cv else "")
-        # How far its own weights and scores say what each clip does: held-out (CV) where measured so, else
-        # the figure recorded by bench/shipped_faithfulness.py.
-        faith = (cv or {}).get("explanation", {}).get("faithfulness")
-        where = "held-out"
-        if faith is None:
-            faith, where = (_json_field(h.metadata, "faithfulness") or {}).get("faithfulness"), "training videos"
+        faith, where = h.faithfulness
         what += f", faithfulness {faith:.2f} ({where})" if faith is not None else ", faithfulness not measured"
         t.add_row(h.path.stem, "head", f"{what} (shipped in weights/)", f"sha256 {sha256_file(h.path)}", str(h.path))
     out.print(t)

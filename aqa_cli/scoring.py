@@ -269,7 +269,25 @@ def choose_heads(preset: str | None = None, head: str | None = None, weights: st
         raise AqaError(f"no trained head ships for preset {name} (none in {shipped_dir()})",
                        fix=f"pass --weights FILE.safetensors (from `aqa train`), or put {name}-<head>.safetensors "
                            "in that folder (AQA_WEIGHTS_DIR points it elsewhere)")
-    return HeadChoice(name, load_preset(name), candidates if (all_heads or head) else candidates[:1], notes)
+    return HeadChoice(name, load_preset(name), candidates if (all_heads or head) else [default_head(candidates)],
+                      notes)
+
+
+# A head whose own weights and scores say what each clip does, by the bar of issue 13: faithfulness ≥ 0.9.
+FAITHFUL_HEAD_RHO = 0.9
+
+
+def default_head(candidates: list[LoadedHead]) -> LoadedHead:
+    """The head a preset scores with: the most accurate by cross-validated ρ (``candidates`` come sorted so), unless
+    a faithful head (faithfulness ≥ FAITHFUL_HEAD_RHO) is within the noise of it, the larger of the two heads' CV
+    standard errors; then that faithful head, whose weights and scores are then true at no measurable cost."""
+    best = candidates[0]
+    faithful = [h for h in candidates if (h.faithfulness[0] or 0.0) >= FAITHFUL_HEAD_RHO]
+    if not faithful or faithful[0] is best or best.cv_spearman is None or faithful[0].cv_spearman is None:
+        return best
+    pick = faithful[0]
+    noise = max(best.cv_se or 0.0, pick.cv_se or 0.0)
+    return pick if best.cv_spearman - pick.cv_spearman <= noise else best
 
 
 # ------------------------------------------------------------------------------------------------ scoring

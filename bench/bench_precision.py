@@ -54,7 +54,6 @@ def per_clip_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def i3d_drift(device: str) -> dict:
-    import torch
 
     from aqa_cli.backbones import Backbone, create_backbone, native_bf16
     from aqa_cli.backbones.i3d import emulate_bf16

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,7 +35,9 @@ def test_shipped_head_reproduces_its_log(path, shared):
     meta = loaded.metadata
     cv = json.loads(meta["cv"])
     contract = json.loads(meta["contract"])
-    assert contract == {"backbone": "vst", "feature_dim": 1024, "recipe": None}
+    # Newer files also name the backbone's weights (None: the backbone's own, any release of them).
+    assert {k: v for k, v in contract.items() if v is not None} == {"backbone": "vst", "feature_dim": 1024}
+    assert contract["recipe"] is None
     assert meta["preset"] == path.stem.rsplit("-", 1)[0] and meta["target"] in ("TES", "PCS")
     data = load_feature_set(shared / "data" / "fisv" / "features", shared / "data" / "fisv" / "train.csv",
                             meta["target"])
@@ -74,3 +77,34 @@ def test_a_faithful_head_ships_for_each_target(target, shared):
     member = loaded.model.members[0]
     held_out = [data.features[i] for i in np.flatnonzero(assign == 0)[:10]]
     assert explanation_report(member, held_out, 50.0)["faithfulness"] >= 0.9
+
+
+def test_each_fisv_preset_scores_with_a_faithful_head_no_less_accurate_than_the_best_within_noise():
+    """The default head: the most accurate by CV ρ unless a faithful head is within the noise of it (the larger
+    CV standard error); on the shipped Fis-V heads that is the faithful additive head for both targets."""
+    from aqa_cli.scoring import FAITHFUL_HEAD_RHO, choose_heads, shipped_heads_for
+
+    for preset in ("fisv-tes", "fisv-pcs"):
+        candidates = shipped_heads_for(preset)
+        chosen = choose_heads(preset).heads[0]
+        assert chosen.head == "additive" and chosen.faithfulness[0] >= FAITHFUL_HEAD_RHO
+        best = candidates[0]
+        assert best.cv_spearman - chosen.cv_spearman <= max(best.cv_se, chosen.cv_se)
+
+
+def test_the_default_head_rule_prefers_the_faithful_head_only_within_noise():
+    from aqa_cli.heads.checkpoint import LoadedHead
+    from aqa_cli.scoring import default_head
+
+    def head(name: str, rho: float, se: float, faith: float | None) -> LoadedHead:
+        cv = {"mean_spearman": rho, "se_spearman": se, "folds": 5}
+        if faith is not None:
+            cv["explanation"] = {"faithfulness": faith}
+        return LoadedHead(path=Path(f"{name}.safetensors"), model=None, head=name, metadata={"cv": json.dumps(cv)})
+
+    accurate, faithful = head("cofinal", 0.775, 0.016, 0.39), head("additive", 0.772, 0.008, 0.999)
+    assert default_head([accurate, faithful]) is faithful  # 0.003 apart, within 0.016
+    far = head("additive", 0.750, 0.008, 0.999)
+    assert default_head([accurate, far]) is accurate  # 0.025 apart: beyond the noise, accuracy wins
+    unfaithful = head("interp", 0.772, 0.008, 0.5)
+    assert default_head([accurate, unfaithful]) is accurate  # only a faithful head may take its place

@@ -121,14 +121,43 @@ class LoadedHead:
     def preset(self) -> str:
         return self.metadata.get("preset", "")
 
+    def _json(self, key: str) -> dict[str, Any]:
+        try:
+            value = json.loads(self.metadata.get(key, "{}") or "{}")
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
+
     @property
     def cv_spearman(self) -> float | None:
         """The mean cross-validated Spearman ρ recorded at training, if any."""
-        try:
-            value = json.loads(self.metadata.get("cv", "{}") or "{}").get("mean_spearman")
-        except (ValueError, AttributeError):
-            return None
+        value = self._json("cv").get("mean_spearman")
         return float(value) if isinstance(value, (int, float)) else None
+
+    @property
+    def cv_se(self) -> float | None:
+        """The standard error of that mean: as recorded by a repeated CV, else std/√folds of the fold figures."""
+        cv = self._json("cv")
+        if isinstance(cv.get("se_spearman"), (int, float)):
+            return float(cv["se_spearman"])
+        rhos = cv.get("fold_spearman") or []
+        if len(rhos) < 2:
+            return None
+        mean = sum(rhos) / len(rhos)
+        return (sum((r - mean) ** 2 for r in rhos) / (len(rhos) - 1) / len(rhos)) ** 0.5
+
+    @property
+    def faithfulness(self) -> tuple[float | None, str]:
+        """How far the head's own weights and scores say what each clip does (the mean ρ of predicted against
+        measured clip effects) and where it was measured: on held-out videos when the CV measured it, else the
+        figure bench/shipped_faithfulness.py recorded on training videos; (None, "") when never measured."""
+        value = self._json("cv").get("explanation", {}).get("faithfulness")
+        if isinstance(value, (int, float)):
+            return float(value), "held-out"
+        value = self._json("faithfulness").get("faithfulness")
+        if isinstance(value, (int, float)):
+            return float(value), "training videos"
+        return None, ""
 
     @property
     def scale(self) -> dict[str, Any]:
