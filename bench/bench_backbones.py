@@ -193,26 +193,35 @@ def model_only(name: str, device, native: bool, batch: int, rounds: int, dry_run
             "skipped": [] if native else ["bf16 (no native bf16 on this device)"]}
 
 
+# `aqa score` of VST features needs a head of their contract: the PCS preset's default (its values do not matter).
+SCORE_PRESET = {"vst": "fisv-pcs"}
+
+
 def extract_marginal(name: str, device: str, precision: str, short: Path, long: Path, clips: tuple[int, int],
-                     env: dict, rounds: int = 2) -> dict:
+                     env: dict, rounds: int = 2, command: str = "extract-features") -> dict:
     """Wall time of the real command on both videos, the fastest of ``rounds`` runs each (short and long
     taking turns); (t_long - t_short) / extra clips. A single pair of runs carries the seconds of noise of
-    two Python start-ups (imports alone vary by 1-2 s on a shared machine)."""
+    two Python start-ups (imports alone vary by 1-2 s on a shared machine). ``command`` "score" times
+    ``aqa score`` instead (no feature cache, the head and its clip effects included)."""
     walls: dict[str, list[float]] = {"short": [], "long": []}
-    print(f"  {name} aqa extract-features --precision {precision} on {clips[0]} and {clips[1]} clips, "
+    print(f"  {name} aqa {command} --precision {precision} on {clips[0]} and {clips[1]} clips, "
           f"{rounds} round(s) ...", file=sys.stderr, flush=True)
     for _ in range(rounds):
         for label, video in (("short", short), ("long", long)):
             with tempfile.TemporaryDirectory() as out:
+                if command == "score":
+                    args = ["score", str(video), "--preset", SCORE_PRESET.get(name, "demo"), "--no-cache", "--json"]
+                else:
+                    args = ["extract-features", str(video), "--out", out]
                 t = time.perf_counter()
-                proc = subprocess.run([sys.executable, "-m", "aqa_cli", "extract-features", str(video), "--out", out,
+                proc = subprocess.run([sys.executable, "-m", "aqa_cli", *args,
                                        "--backbone", name, "--device", device, "--precision", precision],
                                       cwd=REPO, env=env, capture_output=True, text=True)
                 walls[label].append(time.perf_counter() - t)
                 if proc.returncode != 0:
-                    raise RuntimeError(f"aqa extract-features failed: {proc.stderr.strip()[-400:]}")
+                    raise RuntimeError(f"aqa {command} failed: {proc.stderr.strip()[-400:]}")
     best = {k: min(v) for k, v in walls.items()}
-    return {"precision": precision, "wall_s": best, "rounds_wall_s": walls,
+    return {"command": command, "precision": precision, "wall_s": best, "rounds_wall_s": walls,
             "marginal_s_per_clip": (best["long"] - best["short"]) / (clips[1] - clips[0])}
 
 
@@ -265,6 +274,8 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--no-extract", action="store_true", help="model only, skip the aqa extract-features runs")
+    p.add_argument("--score", action="store_true",
+                   help="also the marginal s/clip of `aqa score` (fp32, no feature cache), against the model alone")
     p.add_argument("--dry-run", action="store_true", help="tiny models and inputs, one round: checks the script runs")
     args = p.parse_args()
     import torch
@@ -296,6 +307,9 @@ def main() -> int:
             short, long = synthetic_video(1), synthetic_video(5)
             result["extract"] = [extract_marginal(name, args.device, precision, short, long, (1, 5), env, rounds)
                                  for precision in (["fp32", "bf16"] if native else ["fp32"])]
+            if args.score:
+                result["extract"].append(extract_marginal(name, args.device, "fp32", short, long, (1, 5), env,
+                                                          rounds, command="score"))
         report["backbones"][name] = result
     report["machine"]["load_average_after"] = os.getloadavg()
     if not args.dry_run:
@@ -320,7 +334,7 @@ def main() -> int:
             ref = r["modes"][r["reference"]]["s_per_clip"]
             # The fastest model-only mode of the same precision: what the pipeline adds on top of the model.
             same = [x["s_per_clip"] for mode, x in r["modes"].items() if ("bf16" in mode) == (e["precision"] == "bf16")]
-            print(f"{name} `aqa extract-features --precision {e['precision']}`: marginal "
+            print(f"{name} `aqa {e.get('command', 'extract-features')} --precision {e['precision']}`: marginal "
                   f"{e['marginal_s_per_clip']:.2f} s/clip ({ref / e['marginal_s_per_clip']:.2f}× the model-only "
                   f"{r['reference']}; {e['marginal_s_per_clip'] / min(same):.2f}× its own fastest model-only mode); "
                   f"1 clip {e['wall_s']['short']:.1f} s, 5 clips {e['wall_s']['long']:.1f} s (fastest of "
