@@ -27,33 +27,13 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 FISV = REPO.parent / "shared" / "data" / "fisv"
-ALPHAS = np.logspace(-1, 5, 25)
-
-
-def loo_alpha(x: np.ndarray, y: np.ndarray) -> float:
-    """The ridge strength of least exact leave-one-out squared error (hat-matrix shortcut, via the SVD)."""
-    xc, yc = x - x.mean(0), y - y.mean()
-    u, s, _ = np.linalg.svd(xc, full_matrices=False)
-    uy = u.T @ yc
-    n = len(y)
-    best, best_err = ALPHAS[0], np.inf
-    for a in ALPHAS:
-        shrink = s**2 / (s**2 + a)
-        fit = u @ (shrink * uy)
-        hat = (u**2 * shrink).sum(1) + 1.0 / n  # the intercept's leverage too
-        err = np.mean(((yc - fit) / (1 - hat)) ** 2)
-        if err < best_err:
-            best, best_err = a, err
-    return float(best)
-
-
 def ridge_fit_predict(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray) -> tuple[np.ndarray, float]:
-    mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
-    a, b = (x_tr - mu) / sd, (x_te - mu) / sd
-    alpha = loo_alpha(a, y_tr)
-    am = a.mean(0)
-    w = np.linalg.solve((a - am).T @ (a - am) + alpha * np.eye(a.shape[1]), (a - am).T @ (y_tr - y_tr.mean()))
-    return (b - am) @ w + y_tr.mean(), alpha
+    """The additive head's own probe (`ridge_on_video_means`: standardised columns, leave-one-out strength)
+    fitted on the training rows; its predictions for the test rows and the strength it chose."""
+    from aqa_cli.heads.additive import ridge_on_video_means
+
+    w, b, alpha = ridge_on_video_means(x_tr, y_tr, None)
+    return x_te @ w + b, alpha
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
