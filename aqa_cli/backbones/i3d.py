@@ -273,7 +273,9 @@ class Logits(nn.Module):
         # the 2x7x7 window does not fit.  Clamping the window to the available
         # size keeps such inputs usable and is a no-op whenever the original works.
         kernel = tuple(min(k, n) for k, n in zip(self.pool_kernel, x.shape[-3:]))
-        x = F.avg_pool3d(x, kernel, stride=1)
+        # Pooled in float32 and cast back: torch's CPU avg_pool3d has no bf16 kernel (on any CPU), and a float32
+        # mean of 98 positions keeps digits a bf16 one would lose.
+        x = F.avg_pool3d(x.float(), kernel, stride=1).to(x.dtype)
         x = self.Conv3d_0c_1x1(self.dropout(x))
         # DeepMind squeezes H and W (which are 1 at 224x224) and averages over
         # time; averaging over all positions is identical there and also
