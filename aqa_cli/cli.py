@@ -511,9 +511,10 @@ def evaluate(
     render.render_evaluation(results, overall, features=features, explanations=explanations)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The ``aqa`` entry point; ``argv`` (default ``sys.argv[1:]``) lets tests run the CLI in-process."""
     try:
-        app()
+        app(args=argv, prog_name="aqa")
     except AqaError as exc:
         err.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -93,6 +93,38 @@ def run_aqa(*args: str | os.PathLike, env: dict | None = None, timeout: float = 
                           env=full_env, timeout=timeout, cwd=REPO)
 
 
+def invoke_aqa(*args: str | os.PathLike, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI in this process, as :func:`run_aqa` does in a subprocess, without paying for a new interpreter
+    and torch import each time. Use run_aqa only where the separate process is what is tested (exit on a signal,
+    start-up cost, module state across runs)."""
+    import contextlib
+    import io
+
+    from aqa_cli.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    cwd = os.getcwd()
+    code = 0
+    try:
+        os.environ.update({k: str(v) for k, v in (env or {}).items()})
+        os.chdir(REPO)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                main([str(a) for a in args])
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        os.chdir(cwd)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess([sys.executable, "-m", "aqa_cli", *map(str, args)], code,
+                                       stdout.getvalue(), stderr.getvalue())
+
+
 def write_labels_csv(path: Path, rows: list[dict]) -> None:
     """A label CSV with a header from the first row's keys, as `aqa train` reads it."""
     import csv
