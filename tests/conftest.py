@@ -13,6 +13,20 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    # Which bf16 route this run's CPU takes (tests/test_bf16.py runs every route this CPU can run).
+    import platform
+    import re
+
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return [f"cpu: {platform.processor() or platform.machine()}"]
+    model = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.M)
+    flags = sorted(set(re.findall(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo)))
+    return [f"cpu: {model.group(1) if model else platform.machine()}; bf16 flags: {' '.join(flags) or 'none'}"]
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # Tests never touch the user's cache unless asked to: AQA_HOME set by the caller is kept
     # (CI and developers reuse converted weights that way), otherwise a fresh folder is used.

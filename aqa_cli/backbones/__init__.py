@@ -204,6 +204,30 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise AqaError(f"unknown device {device!r}", fix="use auto, cpu or cuda") from None
 
 
+def _pool_in_float32(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].float(), *args[1:])
+
+
+def _back_to_bf16(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output.to(torch.bfloat16)
+
+
+def place_model(model: nn.Module, device: torch.device, precision: str) -> nn.Module:
+    """Make ``model`` a frozen inference model on ``device`` at ``precision`` (in place; returned for chaining).
+
+    bf16 converts every weight, so activations are bf16 too. Average pooling over 3-D windows then runs in
+    float32 and is cast back: torch's CPU ``avg_pool3d`` has no bf16 kernel on any CPU (X3D's and SlowFast's
+    heads pool that way; I3D's logits pool in float32 in its own forward), and a float32 mean keeps digits.
+    """
+    model.eval().requires_grad_(False).to(device, dtype=torch.bfloat16 if precision == "bf16" else None)
+    if precision == "bf16":
+        for m in model.modules():
+            if isinstance(m, nn.AvgPool3d):
+                m.register_forward_pre_hook(_pool_in_float32)
+                m.register_forward_hook(_back_to_bf16)
+    return model
+
+
 def create_backbone(name: str, *, device: str = "auto", precision: str = "fp32", fetch: bool = True,
                     weights: str | None = None) -> Backbone:
     """Build backbone ``name`` with its verified weights on ``device``.
@@ -252,7 +276,7 @@ def create_backbone(name: str, *, device: str = "auto", precision: str = "fp32",
             fix="pass a checkpoint of this architecture" if user else
             f"re-fetch with `aqa weights fetch {spec.weights} --force`",
         ) from None
-    model.eval().requires_grad_(False).to(dev, dtype=torch.bfloat16 if precision == "bf16" else None)
+    place_model(model, dev, precision)
     if dev.type == "cuda":
         # cuDNN's autotuner picks the fastest convolution algorithm for I3D's fixed shapes. The pick can
         # differ between processes, so on a GPU features agree run to run within float tolerance, not bitwise.

@@ -170,8 +170,10 @@ class ZooBackbone(nn.Module):
                 h = block(h)
             if head.pool is not None:
                 h = head.pool(h)
-            features = h.mean(dim=(2, 3, 4))
-        return ZooOutput(features=features, logits=self._classifier(net)(features))
+            features = h.float().mean(dim=(2, 3, 4))
+        classifier = self._classifier(net)
+        # The feature is averaged in float32 whatever the model's dtype; the classifier reads it in its own.
+        return ZooOutput(features=features.float(), logits=classifier(features.to(classifier.weight.dtype)))
 
     @staticmethod
     def _classifier(net: nn.Module) -> nn.Linear:
