@@ -48,7 +48,7 @@ import torch
 
 from aqa_cli import __version__
 from aqa_cli.errors import WeightsError
-from aqa_cli.fileio import atomic_path, sha256_file, write_json
+from aqa_cli.fileio import sha256_file, write_bytes, write_json
 
 WEIGHTS_FORMAT = "aqa-weights/1"
 
@@ -184,11 +184,10 @@ def recorded_sha256(name: str) -> str | None:
 
 def save_safetensors(tensors: dict[str, torch.Tensor], target: Path, metadata: dict[str, str]) -> str:
     """Write tensors with string metadata atomically; return the file's sha256."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with atomic_path(target) as tmp:
-        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+    write_bytes(target, save(tensors, metadata={k: str(v) for k, v in metadata.items()}))
     return sha256_file(target)
 
 
