@@ -110,7 +110,8 @@ def scores_frame(results: Sequence[VideoScore]):  # -> pandas.DataFrame
              "error": r.error} for r in results]
     columns = ["path", "status", "score", "score_min", "score_max", "unit", "head", "preset", "backbone", "clips",
                "faithfulness", "features", "error"]
-    return pd.DataFrame(rows, columns=columns)
+    # A nullable integer column: with a failed row (no clip count) a plain column would turn 7 into 7.0.
+    return pd.DataFrame(rows, columns=columns).astype({"clips": "Int64"})
 
 
 def clips_frame(results: Sequence[VideoScore]):  # -> pandas.DataFrame

@@ -98,6 +98,17 @@ def _check_writable_folder(folder: Path, option: str) -> None:
                        fix=f"choose another {option}, or make {where} writable")
 
 
+def check_writable_cache(folder: str | Path, *, fix: str) -> Path:
+    """``$AQA_HOME``'s weights folder can take the weights about to be fetched or imported (before any download)."""
+    folder = Path(folder)
+    where = _nearest_existing(folder)
+    if not where.is_dir() or not os.access(where, os.W_OK | os.X_OK):
+        raise WeightsError(f"the weights cache {folder} cannot be written ({where} is "
+                           f"{'not a folder' if not where.is_dir() else 'not writable'})",
+                           fix=f"set AQA_HOME to a writable folder, then {fix}")
+    return folder
+
+
 def check_output_file(path: str | Path, option: str) -> Path:
     """A file ``aqa`` will write (``--csv``, ``--report`` …): not a folder, in a folder it can write."""
     path = Path(path)
