@@ -148,13 +148,15 @@ def check_distinct_outputs(outputs: Mapping[str, str | Path | None]) -> None:
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 
 
-def check_preset_name(name: object, *, where: str = "--preset") -> str:
-    """A preset is named, never given by path (a name with a folder or ``..`` would read any TOML file)."""
+def check_preset_name(name: object, *, where: str = "--preset", path: str | Path | None = None) -> str:
+    """A preset is named, never given by path (a name with a folder or ``..`` would read any TOML file).
+    ``path``: the file that names it (a head checkpoint), refused as a :class:`WeightsError`."""
     if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         from aqa_cli.presets import list_presets
 
-        raise AqaError(f"{where} {str(name)[:60]!r} is not a preset name",
-                       fix=f"choose one of: {', '.join(list_presets())}")
+        error = AqaError if path is None else WeightsError
+        raise error(f"{where} {str(name)[:60]!r}, not a preset name", path=path,
+                    fix=f"choose one of: {', '.join(list_presets())}")
     return name
 
 
@@ -236,7 +238,7 @@ def check_head_metadata(meta: Mapping[str, str], path: str | Path) -> None:
         if key in meta:
             _json_object(meta, key, path)
     if meta.get("preset"):
-        check_preset_name(meta["preset"], where=f"{path.name} records the preset")
+        check_preset_name(meta["preset"], where="records the preset", path=path)
 
 
 def check_head_tensors(state: Mapping[str, Any], expected: Mapping[str, Any], path: str | Path) -> None:
