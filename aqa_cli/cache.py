@@ -9,7 +9,9 @@ An entry is an ordinary feature pair (``<key>.npy`` plus a sidecar ``<key>.json`
 in the format of :func:`aqa_cli.extract.make_sidecar`) under
 ``$AQA_HOME/features/<key[:2]>/``. Both files are written atomically, the sidecar
 last, and the sidecar records the ``.npy``'s sha256: an entry that is incomplete,
-damaged or made for another key is deleted and recomputed, never trusted.
+damaged (in its bytes, or in meaning: a field of the wrong type, checked by
+:mod:`aqa_cli.validation` as for any feature file) or made for another key is
+deleted and recomputed, never trusted.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ class FeatureCache:
             sidecar = read_sidecar(js)
             if sidecar.get("cache_key") != key or sidecar.get("features_sha256") != sha256_file(npy):
                 raise FeatureError("cache entry does not match its key or its features' sha256", path=js)
+            # read_sidecar checked every field's type; a cache entry must also have those it is read by.
+            if not isinstance(sidecar.get("recipe"), dict) or not isinstance(sidecar.get("backbone"), dict):
+                raise FeatureError("cache entry records no recipe or backbone", path=js)
             features = load_features(npy, sidecar)
         except (FeatureError, OSError):
             self.discard(key)

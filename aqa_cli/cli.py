@@ -99,6 +99,12 @@ def extract_features(
     from aqa_cli.backbones import create_backbone
     from aqa_cli.extract import ExtractEvents, extract_to_folder
     from aqa_cli.video import find_videos
+    from aqa_cli.validation import check_options, check_output_dir
+
+    check_options(clip_len=clip_len, stride=stride, batch_size=batch_size, decode_workers=decode_workers,
+                  workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+                  threads_per_worker=threads_per_worker)
+    check_output_dir(out_dir, "--out")
 
     if engine not in ("local", "ray"):
         raise AqaError(f"unknown engine {engine!r}", fix="use local or ray")
@@ -232,7 +238,14 @@ def score(
         clips_frame, json_payload, plot_paths, primary_results, scores_frame, write_csv, write_plot, write_report,
     )
     from aqa_cli.scoring import Scorer, ScoreEvents, choose_heads, find_inputs, head_agreement
+    from aqa_cli.validation import check_distinct_outputs, check_options, check_output_file
 
+    check_options(batch_size=batch_size, top=top)
+    named = {"--csv": csv_path, "--clips-csv": clips_csv, "--plot": plot, "--report": report}
+    for option, path in named.items():
+        if path is not None:
+            check_output_file(path, option)
+    check_distinct_outputs(named)
     choice = choose_heads(preset, head, weights, all_heads=all_heads)
     for note in choice.notes:
         err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
@@ -417,6 +430,10 @@ def train(
 
     from aqa_cli.backbones import resolve_device
     from aqa_cli.training import TrainJob, run_train_job
+    from aqa_cli.validation import check_options, check_output_file
+
+    check_options(epochs=epochs, folds=folds, repeats=repeats, seed=seed)
+    check_output_file(out_path, "--out")
 
     overrides = {}
     for item in set_ or []:

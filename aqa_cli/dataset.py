@@ -336,7 +336,7 @@ def convert_mtl_aqa(annotations: str | Path, out: str | Path, *, captions: str |
     number. Captions (a string or a list of words) have their whitespace collapsed; ``<eos>``-style markers
     are dropped. Pickles are read with the restricted unpickler. Returns a summary.
     """
-    from aqa_cli.fileio import atomic_write
+    from aqa_cli.fileio import write_text
 
     ann = _load_annotation_pickle(annotations, "annotation pickle")
     if not isinstance(ann, dict) or not ann or not all(isinstance(v, dict) for v in ann.values()):
@@ -387,7 +387,7 @@ def convert_mtl_aqa(annotations: str | Path, out: str | Path, *, captions: str |
     if bad:
         raise AqaError(f"{len(bad)} sub-task code(s) fall outside the schema (e.g. {bad[0]})", path=annotations,
                        fix="check the schema's class lists against the release (code k is the k-th class)")
-    atomic_write(out, lambda tmp: tmp.write_text(buf.getvalue(), encoding="utf-8"))
+    write_text(out, buf.getvalue())
     summary: dict[str, Any] = {"rows": len(keys), "captions": n_captions, "out": str(out)}
     if caps and subtasks:
         summary["caption_check"] = caption_check({k: ann[k] for k in keys}, caps, subtasks)

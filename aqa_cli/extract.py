@@ -29,8 +29,9 @@ from aqa_cli import __version__
 from aqa_cli.backbones import Backbone
 from aqa_cli.clips import Clip, ClipPlan, plan_clips
 from aqa_cli.errors import AqaError, FeatureError
-from aqa_cli.fileio import atomic_write, remove_stale_temporaries, sha256_file, write_json, write_npy
+from aqa_cli.fileio import remove_stale_temporaries, sha256_file, write_json, write_npy, write_npz
 from aqa_cli.recipes import Recipe
+from aqa_cli.validation import check_feature_array, check_feature_values, check_sidecar
 from aqa_cli.video import VideoInfo, VideoReader, open_video
 
 FEATURES_FORMAT = "aqa-features/1"
@@ -247,14 +248,6 @@ def frames_path(npy: Path) -> Path:
     return npy.with_name(f"{npy.stem}.frames.npz")
 
 
-def write_npz(target: Path, arrays: dict[str, np.ndarray]) -> Path:
-    def _write(p: Path) -> None:
-        with open(p, "wb") as fh:  # a file object: np.savez would append .npz to the temporary's name
-            np.savez(fh, **arrays)
-
-    return atomic_write(target, _write)
-
-
 def person_summary(person: np.ndarray) -> tuple[list[int], list[str]]:
     """Frames with a person per clip, and warnings for frames and clips without one."""
     per_clip = [int(n) for n in person.sum(axis=1)]
@@ -272,6 +265,7 @@ def make_sidecar(result: VideoFeatures, video: Path, *, video_sha256: str, predi
         "format": FEATURES_FORMAT,
         "video": str(video),
         "video_sha256": video_sha256,
+        "video_stat": video_stat(video),
         "features_file": f"{video.stem}.npy",
         "shape": list(result.features.shape),
         "dtype": "float32",
@@ -303,26 +297,21 @@ def read_sidecar(path: Path) -> dict:
                            fix="delete it, or re-extract with --overwrite") from None
     if not isinstance(data, dict) or data.get("format") != FEATURES_FORMAT:
         raise FeatureError("not an aqa feature sidecar", path=path, fix="re-extract with --overwrite")
-    return data
+    return check_sidecar(data, path)
 
 
 def load_features(npy: Path, sidecar: dict | None = None) -> np.ndarray:
     """Load a feature file (float16 or float32) as float32 [T, D], checking it against its sidecar."""
     try:
         arr = np.load(npy, allow_pickle=False, mmap_mode="r")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, TypeError) as exc:
         raise FeatureError(f"not a readable .npy file ({' '.join(str(exc).split())[:100]})", path=npy,
                            fix="re-extract it") from None
-    if arr.ndim != 2:
-        raise FeatureError(f"features must be 2-D [clips, dim], got shape {tuple(arr.shape)}", path=npy,
-                           fix="re-extract it")
-    if sidecar is not None and list(arr.shape) != list(sidecar.get("shape", [])):
-        raise FeatureError(f"shape {tuple(arr.shape)} differs from the sidecar's {sidecar.get('shape')}", path=npy,
-                           fix="re-extract it")
+    if not isinstance(arr, np.ndarray):  # an .npz archive under a .npy name
+        raise FeatureError("not a .npy array (an .npz archive?)", path=npy, fix="re-extract it")
+    check_feature_array(arr, sidecar, npy)
     out = np.asarray(arr, dtype=np.float32)
-    if not np.isfinite(out).all():
-        bad = int((~np.isfinite(out)).any(axis=1).sum())
-        raise FeatureError(f"{bad} clip(s) contain NaN or inf", path=npy, fix="re-extract it")
+    check_feature_values(out, npy)
     return out
 
 
@@ -367,8 +356,28 @@ def failed_outcome(video: Path, exc: AqaError) -> ExtractOutcome:
     return ExtractOutcome(video, "failed", error=exc.message if exc.path else f"{video}: {exc.message}")
 
 
-def _is_complete(npy: Path, js: Path, identity: dict, recipe: Recipe, want_predictions: bool) -> dict | None:
-    """The sidecar if ``npy``/``js`` are a finished extraction made the way we would make it now."""
+def video_stat(video: Path) -> dict:
+    """What identifies a video file cheaply (no hashing): its size and modification time."""
+    st = Path(video).stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def made_from(sidecar: dict, video: Path) -> bool:
+    """Whether the sidecar's features were made from ``video``: the same file, size and mtime as recorded,
+    else the same sha256 (a copy, or the same file reached by another path)."""
+    try:
+        recorded = sidecar.get("video_stat") or {}
+        named = sidecar.get("video")
+        if recorded and named and Path(named).resolve() == Path(video).resolve() and recorded == video_stat(video):
+            return True
+        return sidecar.get("video_sha256") is not None and sha256_file(video) == sidecar["video_sha256"]
+    except OSError:
+        return False
+
+
+def _is_complete(npy: Path, js: Path, identity: dict, recipe: Recipe, want_predictions: bool,
+                 video: Path | None = None) -> dict | None:
+    """The sidecar if ``npy``/``js`` are a finished extraction of ``video`` made the way we would make it now."""
     if not (npy.is_file() and js.is_file()):
         return None
     try:
@@ -390,6 +399,9 @@ def _is_complete(npy: Path, js: Path, identity: dict, recipe: Recipe, want_predi
             path=js,
             fix="pass --overwrite to replace it, or choose another --out folder",
         )
+    if video is not None and not made_from(sidecar, video):
+        raise AqaError(f"holds the features of another video ({str(sidecar.get('video'))[:200]}), not of {video}",
+                       path=js, fix="pass --overwrite to replace it, or choose another --out folder")
     if want_predictions and "predictions" not in sidecar:
         return None
     return sidecar
@@ -402,7 +414,7 @@ def completed_outcome(job: VideoJob, identity: dict, recipe: Recipe, want_predic
     ``identity`` is :meth:`Backbone.identity`: the check needs no model, so a driver that
     only hands videos to workers decides what is complete.
     """
-    done = _is_complete(job.features_path, job.sidecar_path, identity, recipe, want_predictions)
+    done = _is_complete(job.features_path, job.sidecar_path, identity, recipe, want_predictions, job.video)
     if done is None:
         return None
     return ExtractOutcome(job.video, "skipped", job.features_path, job.sidecar_path, clips=int(done["shape"][0]),

@@ -1,14 +1,21 @@
-"""Crash-safe file writing and hashing.
+"""Crash-safe file writing and hashing: the one way ``aqa`` writes a file.
 
 Every output is written to a temporary file in the destination folder and then
 renamed over the target. A rename within one filesystem is atomic, so a run
 killed at any moment leaves either the old file or the complete new one, never
 a half-written file that a later run could mistake for a finished one.
 
+The temporary is created by :func:`tempfile.mkstemp` (``O_CREAT|O_EXCL|O_NOFOLLOW``,
+a random part in its name) and written through the descriptor that created it,
+never reopened by name: a link planted in a shared output folder under a name a
+writer will use is never followed, and the rename replaces a link at the target
+itself instead of writing through it.
+
 A temporary's name carries its writer's pid and a tag of its host
-(``.aqa-tmp-<pid>.<host>-<name>``): folders on a shared filesystem are written
+(``.aqa-tmp-<pid>.<host>-<random>-<name>``): folders on a shared filesystem are written
 by processes on several machines (``--engine ray``), and a pid only says
-whether a writer is alive on its own machine.
+whether a writer is alive on its own machine. The first write into a folder
+removes the temporaries that killed writers of this machine left there.
 """
 
 from __future__ import annotations
@@ -18,25 +25,63 @@ import hashlib
 import json
 import os
 import socket
+import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 TMP_MARK = ".aqa-tmp-"
 # Which machine wrote a temporary: 8 hex digits of the host name's sha256 (no "-", which separates the name).
 HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+# Of the target's name, the temporary keeps the end (a name near the filesystem's 255-byte limit must still fit).
+_NAME_KEPT = 80
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Files are made with the permissions an ordinary open() gives them (mkstemp's are 0600).
+_FILE_MODE = 0o666 & ~_umask()
+_swept: set[Path] = set()
+_swept_lock = threading.Lock()
+
+
+def _sweep_once(folder: Path) -> None:
+    """Remove the stale temporaries of ``folder`` the first time this process writes there."""
+    key = folder.resolve()
+    with _swept_lock:
+        if key in _swept:
+            return
+        _swept.add(key)
+    with contextlib.suppress(OSError):
+        remove_stale_temporaries(folder)
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it over ``target`` on success."""
+def atomic_open(target: str | Path) -> Iterator[BinaryIO]:
+    """A binary file object for a fresh temporary beside ``target``, renamed over ``target`` on success.
+
+    The temporary is removed when the block raises; ``target`` is then left as it was.
+    """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{TMP_MARK}{os.getpid()}.{HOST_TAG}-{target.name}")
+    folder = target.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    _sweep_once(folder)
+    fd, name = tempfile.mkstemp(prefix=f"{TMP_MARK}{os.getpid()}.{HOST_TAG}-", suffix=f"-{target.name[-_NAME_KEPT:]}",
+                                dir=folder)
+    tmp = Path(name)
     try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, _FILE_MODE)
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
     finally:
@@ -44,23 +89,31 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-def atomic_write(target: str | Path, write: Callable[[Path], None]) -> Path:
-    with atomic_path(target) as tmp:
-        write(tmp)
+def atomic_write(target: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write ``target`` atomically: ``write(fh)`` fills a binary file object (see :func:`atomic_open`)."""
+    with atomic_open(target) as fh:
+        write(fh)
     return Path(target)
 
 
+def write_bytes(target: str | Path, data: bytes) -> Path:
+    return atomic_write(target, lambda fh: fh.write(data))
+
+
+def write_text(target: str | Path, text: str) -> Path:
+    return write_bytes(target, text.encode("utf-8"))
+
+
 def write_json(target: str | Path, obj: object) -> Path:
-    text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n"
-    return atomic_write(target, lambda p: p.write_text(text, encoding="utf-8"))
+    return write_text(target, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def write_npy(target: str | Path, array: np.ndarray) -> Path:
-    def _write(p: Path) -> None:
-        with open(p, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
+    return atomic_write(target, lambda fh: np.save(fh, array, allow_pickle=False))
 
-    return atomic_write(target, _write)
+
+def write_npz(target: str | Path, arrays: dict[str, np.ndarray]) -> Path:
+    return atomic_write(target, lambda fh: np.savez(fh, **arrays))
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

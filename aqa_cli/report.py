@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from aqa_cli.errors import AqaError
-from aqa_cli.fileio import atomic_write
+from aqa_cli.fileio import write_bytes, write_text
 from aqa_cli.scoring import ClipScore, VideoScore
 
 TOP_CLIPS = 5
@@ -110,7 +110,8 @@ def scores_frame(results: Sequence[VideoScore]):  # -> pandas.DataFrame
              "error": r.error} for r in results]
     columns = ["path", "status", "score", "score_min", "score_max", "unit", "head", "preset", "backbone", "clips",
                "faithfulness", "features", "error"]
-    return pd.DataFrame(rows, columns=columns)
+    # A nullable integer column: with a failed row (no clip count) a plain column would turn 7 into 7.0.
+    return pd.DataFrame(rows, columns=columns).astype({"clips": "Int64"})
 
 
 def clips_frame(results: Sequence[VideoScore]):  # -> pandas.DataFrame
@@ -127,7 +128,7 @@ def clips_frame(results: Sequence[VideoScore]):  # -> pandas.DataFrame
 
 def write_csv(path: str | Path, frame) -> Path:  # noqa: ANN001 - a pandas.DataFrame
     """Write ``frame`` atomically (no index column)."""
-    return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+    return write_text(path, frame.to_csv(index=False))
 
 
 # ------------------------------------------------------------------------------------------------ timeline
@@ -191,7 +192,7 @@ def timeline_png(result: VideoScore, *, width_in: float = 10.0, dpi: int = 100) 
 
 def write_plot(path: str | Path, result: VideoScore) -> Path:
     png = timeline_png(result)
-    return atomic_write(path, lambda tmp: tmp.write_bytes(png))
+    return write_bytes(path, png)
 
 
 def plot_paths(path: str | Path, results: Sequence[VideoScore]) -> list[tuple[Path, VideoScore]]:
@@ -318,7 +319,9 @@ def _video_section(k: int, result: VideoScore, others: Sequence[VideoScore]) -> 
     parts.append(f"<h3>The {len(top)} clips that move the score most (measured effect)</h3>")
     thumbs: dict[int, bytes] = {}
     reason = None
-    if result.video is None:
+    if result.video is None and result.video_note:
+        reason = result.video_note
+    elif result.video is None:
         reason = ("the video these features were made from is not reachable (moved, changed or never recorded), "
                   "so no frames are shown")
     else:
@@ -378,4 +381,4 @@ def render_report(results: Sequence[VideoScore], *, agreement: dict[str, Any] | 
 
 def write_report(path: str | Path, results: Sequence[VideoScore], *, agreement: dict[str, Any] | None = None) -> Path:
     page = render_report(results, agreement=agreement)
-    return atomic_write(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    return write_text(path, page)

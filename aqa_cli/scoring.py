@@ -43,6 +43,7 @@ from aqa_cli.heads import HeadOutput, list_heads
 from aqa_cli.heads.checkpoint import LoadedHead, load_head, shipped_dir
 from aqa_cli.metrics import faithfulness, predicted_effects
 from aqa_cli.presets import Preset, list_presets, load_preset
+from aqa_cli.validation import check_score_in_scale
 
 DEFAULT_PRESET = "fisv-pcs"
 FEATURE_SUFFIX = ".npy"
@@ -97,6 +98,7 @@ class VideoScore:
     extras: dict[str, Any] = field(default_factory=dict)
     features_source: str = ""  # "backbone", "cache" or "file"
     video: Path | None = None  # the video file itself, when it can be read (for frames in the report)
+    video_note: str | None = None  # why there is no video to show frames of, when the sidecar names one
     demonstration: str | None = None
     cv_spearman: float | None = None
     members: int = 1
@@ -189,6 +191,7 @@ class ClipFeatures:
     warnings: list[str] = field(default_factory=list)
     weights: str | None = None  # the backbone weights' name (``file:<sha256>`` for a checkpoint given by path)
     weights_source: dict | None = None  # such a checkpoint's path and sha256
+    video_note: str | None = None  # why ``video`` is None although the sidecar names one
 
 
 # ------------------------------------------------------------------------------------------------ head choice
@@ -474,9 +477,11 @@ class Scorer:
         made_by = sidecar.get("backbone") or {}
         recipe = sidecar.get("recipe") or {}
         _check_not_too_short(sidecar, npy)
+        video, video_note = _reachable_video(sidecar, sidecar_path)
         return ClipFeatures(features, list(sidecar.get("clips") or []), made_by.get("name") or "", recipe, "file",
-                            _reachable_video(sidecar, sidecar_path), list((sidecar.get("source") or {}).get("warnings", [])),
-                            weights=made_by.get("weights"), weights_source=made_by.get("weights_source"))
+                            video, list((sidecar.get("source") or {}).get("warnings", [])),
+                            weights=made_by.get("weights"), weights_source=made_by.get("weights_source"),
+                            video_note=video_note)
 
     def _features_from_video(self, video: Path, backbone: str, timings: dict[str, float]) -> ClipFeatures:
         t0 = time.perf_counter()
@@ -563,6 +568,7 @@ class Scorer:
         if not math.isfinite(score):
             raise FeatureError(f"{h.path.name} gave a non-finite score", path=path,
                                fix=f"the checkpoint looks damaged: re-train or re-download {h.path.name}")
+        check_score_in_scale(score, result.scale, h.path.name, path)
         weights = out.weights[0].double().cpu().numpy()
         clip_scores = out.clip_scores[0].double().cpu().numpy()
         # What each clip really does: the head again on the video without it (batched passes).
@@ -592,6 +598,7 @@ class Scorer:
         result.backbone = feats.backbone
         result.features_source = feats.source
         result.video = feats.video
+        result.video_note = feats.video_note
         result.warnings = list(feats.warnings) + ([trusted] if trusted else [])
 
 
@@ -679,19 +686,27 @@ def _check_not_too_short(sidecar: dict, path: Path) -> None:
                          fix="score a recording of at least one clip")
 
 
-def _reachable_video(sidecar: dict, sidecar_path: Path) -> Path | None:
-    """The video a feature file was made from, if it is still there with the same content."""
+def _reachable_video(sidecar: dict, sidecar_path: Path) -> tuple[Path | None, str | None]:
+    """(the video a feature file was made from, if it is still there with the recorded sha256; else None and why).
+
+    Without a recorded sha256 nothing shows that a file at the named path is that video, so none is opened.
+    A relative path is taken from the sidecar's folder (where extract-features ran is not recorded).
+    """
     named = sidecar.get("video")
     if not named:
-        return None
+        return None, None
     want = sidecar.get("video_sha256")
-    for candidate in (Path(named), sidecar_path.parent / Path(named).name):
+    if not want:
+        return None, ("the sidecar records no video_sha256, so the video it names cannot be verified and no frames "
+                      "are shown")
+    named = Path(named)
+    for candidate in (named if named.is_absolute() else sidecar_path.parent / named, sidecar_path.parent / named.name):
         try:
-            if candidate.is_file() and (want is None or sha256_file(candidate) == want):
-                return candidate
+            if candidate.is_file() and sha256_file(candidate) == want:
+                return candidate, None
         except OSError:
             continue
-    return None
+    return None, None
 
 
 # ------------------------------------------------------------------------------------------------ agreement

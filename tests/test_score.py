@@ -183,7 +183,9 @@ def test_the_cache_returns_what_was_put_and_drops_damaged_entries(tmp_path):
     cache = FeatureCache(tmp_path)
     key = "ab" + "0" * 62
     feats = np.arange(8, dtype=np.float32).reshape(2, 4)
-    sidecar = {"format": "aqa-features/1", "shape": [2, 4], "clips": []}
+    # An entry as the scorer puts it: its recipe, its backbone and one time range per row (all checked on reading).
+    sidecar = {"format": "aqa-features/1", "shape": [2, 4], "recipe": {"name": "r"}, "backbone": {"name": "b"},
+               "clips": [{"start_s": 0.0, "end_s": 1.0}, {"start_s": 1.0, "end_s": 2.0}]}
     assert cache.get(key) is None
     cache.put(key, feats, sidecar)
     got, side = cache.get(key)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from aqa_cli import __version__
 from aqa_cli.errors import AqaError, FeatureError, WeightsError
 from aqa_cli.heads import Head, HeadOutput, create_head
+from aqa_cli.validation import check_head_metadata, check_head_tensors
 
 CHECKPOINT_FORMAT = "aqa-head/1"
 # Shown with the scores of a head marked as a demonstration model without a note of its own.
@@ -308,17 +309,21 @@ def load_head(path: str | Path, *, device: torch.device | str = "cpu") -> Loaded
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise WeightsError(f"not an aqa head checkpoint (format {meta.get('format')!r})", path=path,
                            fix="train one with `aqa train`, or import an official one with `aqa weights import`")
+    check_head_metadata(meta, path)
     try:
-        n = int(meta["members"])
+        n = int(meta.get("members", "1"))
         members = []
         for k in range(n):
             head = create_head(meta["head"], json.loads(meta["config"]))
             prefix = f"members.{k}."
-            state = {name[len(prefix):]: t.float() if t.is_floating_point() else t
-                     for name, t in tensors.items() if name.startswith(prefix)}
-            head.load_state_dict(state, strict=True)
+            state = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+            check_head_tensors(state, head.state_dict(), path)
+            head.load_state_dict({name: t.float() if t.is_floating_point() else t for name, t in state.items()},
+                                 strict=True)
             members.append(head.eval())
-    except (KeyError, ValueError, RuntimeError, AqaError) as exc:
+    except WeightsError:
+        raise
+    except (KeyError, ValueError, TypeError, AttributeError, RuntimeError, AqaError) as exc:
         raise WeightsError(f"does not fit its recorded head ({' '.join(str(exc).split())[:160]})", path=path,
                            fix="re-train it or download it again") from None
     model = members[0] if n == 1 else HeadEnsemble(members)

@@ -58,8 +58,12 @@ def list_presets() -> list[str]:
 
 
 def load_preset(name: str) -> Preset:
+    """The preset called ``name``: a name from :func:`list_presets`, never a path."""
+    from aqa_cli.validation import check_preset_name
+
+    check_preset_name(name)
     path = HERE / f"{name}.toml"
-    if not path.is_file():
+    if name not in list_presets() or not path.is_file():
         raise AqaError(f"unknown preset {name!r}", fix=f"choose one of: {', '.join(list_presets())}")
     with path.open("rb") as fh:
         data = tomllib.load(fh)
