@@ -496,6 +496,7 @@ def evaluate(
         "--trust-features", help="Evaluate heads on features of other backbone weights than they were trained "
                                  "on (refused otherwise).")] = False,
     device: DeviceOpt = "auto",
+    level: Annotated[float, typer.Option(help="The level of the intervals whose coverage is checked.")] = 0.9,
 ) -> None:
     """Spearman ρ, Pearson r, R-ℓ2×100 and MAE of trained heads on labelled features, and the faithfulness of
     their per-clip explanations: ρ between the effect each clip's weight and score predicts and the measured
@@ -507,7 +508,7 @@ def evaluate(
 
     results, overall = run_evaluate(features, labels, [*weights, *(more_weights or [])], target,
                                     device=str(resolve_device(device)), trust_features=trust_features,
-                                    explain=explanations)
+                                    explain=explanations, level=level)
     if json_out:
         rows = [r.to_dict() for r in results]
         payload = rows[0] if len(rows) == 1 else rows

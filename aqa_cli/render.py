@@ -382,3 +382,21 @@ def render_evaluation(results, overall: float | None, *, features: Path, explana
     out.print(table)
     if overall is not None:
         out.print(f"Fisher-z mean Spearman ρ: [bold]{overall:.3f}[/bold]")
+    for r in results:
+        render_interval_check(r.weights.name, r.metrics)
+
+
+def render_interval_check(name: str, m: dict) -> None:
+    """`aqa evaluate`'s interval and domain figures for one head: on these videos, and by its cross-validation."""
+    i = m.get("interval")
+    if i:
+        cv = i["cv"]
+        out.print(f"  {name}: {i['level']:.0%} intervals (±{i['half_width']:.2f}) hold {i['coverage']:.1%} of these "
+                  f"{i['n']} videos' labels, mean width {i['mean_width']:.2f}; cross-validation inside its training "
+                  f"videos: coverage {cv['coverage']:.1%}, mean width {cv['mean_width']:.2f}", highlight=False)
+    elif m.get("interval_missing"):
+        out.print(f"  {name}: no interval: {m['interval_missing']}", highlight=False, style="yellow")
+    d = m.get("domain")
+    if d:
+        out.print(f"  {name}: the domain check flags {d['flagged']} of these videos ({d['flag_rate']:.1%}; calibrated "
+                  f"to about {d['alpha']:.0%} of videos like its training videos)", highlight=False)

@@ -407,6 +407,9 @@ def run_train_job(job: TrainJob, *, on_epoch: EpochCallback | None = None,
     if job.final == "folds" and job.folds < 2:
         raise AqaError("--final folds ships the cross-validation models", fix="add --folds K (K ≥ 2)")
     preset = load_preset(job.preset) if job.preset else None
+    if preset is not None and preset.combine:
+        raise AqaError(f"preset {preset.name} sums the scores of {' and '.join(preset.combine)}; it has no head of "
+                       "its own", fix=f"train each part: --preset {' / --preset '.join(preset.combine)}")
     data = load_feature_set(job.features, job.labels, job.target,
                             expected_dim=preset.feature_dim if preset else None)
     train_values = preset.train_settings(job.head) if preset else {}
