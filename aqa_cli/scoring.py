@@ -22,6 +22,7 @@ features…) becomes a failed :class:`VideoScore` and the batch goes on.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -278,7 +279,8 @@ def choose_heads(preset: str | None = None, head: str | None = None, weights: st
         name = loaded.preset or preset or ""
         return HeadChoice(name, _try_preset(name) if name else None, [loaded])
 
-    name = preset or DEFAULT_PRESET
+    # A deployment with its own weights folder (AQA_WEIGHTS_DIR) may name its own default preset.
+    name = preset or os.environ.get("AQA_DEFAULT_PRESET") or DEFAULT_PRESET
     if name not in list_presets():
         load_preset(name)  # raises the registry's "unknown preset" error, with the list
     combined = load_preset(name)
