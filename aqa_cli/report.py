@@ -95,6 +95,8 @@ def trust_lines(result: VideoScore) -> list[tuple[str, str]]:
             lines.append(("note", f"no interval{' for ' + r.target if r.target else ''}: {r.interval_missing}"))
         if r.domain:
             lines.append(("info" if r.domain["in_domain"] else "warning", domain_sentence(r.domain)))
+        elif r.domain_missing:
+            lines.append(("note", f"no domain check: {r.domain_missing}"))
     if result.clip_scale_note:
         lines.append(("note", result.clip_scale_note))
     return list(dict.fromkeys(lines))

@@ -114,6 +114,7 @@ class VideoScore:
     interval_missing: str | None = None
     rank: dict[str, Any] | None = None  # {below, of, dataset}: the share of training videos judged lower
     domain: dict[str, Any] | None = None  # {p_value, in_domain, alpha, compared_with}; None: the head has no model
+    domain_missing: str | None = None  # why there is no domain check
     # Clip scores are a head's per-clip values before weighting: only Σ w·s (+ terms) is on the scale.
     clip_scale_note: str | None = None
     parts: list[VideoScore] = field(default_factory=list)  # a total's parts (fisv: the TES and PCS results)
@@ -165,6 +166,7 @@ class VideoScore:
             "interval_missing": self.interval_missing,
             "rank": dict(self.rank) if self.rank else None,
             "domain": dict(self.domain) if self.domain else None,
+            "domain_missing": self.domain_missing,
             "clip_scores_note": self.clip_scale_note,
         })
         return d
@@ -703,6 +705,9 @@ def attach_trust(result: VideoScore, calibration: Any, domain: Any, level: float
         result.interval_missing = missing
     if domain is not None and features is not None:
         result.domain = domain.check(features)
+    elif features is not None:
+        result.domain_missing = (f"{result.head_label} holds no model of its training videos, so nothing checks "
+                                 "that this video is like them")
     lo, hi = scale["min"], scale["max"]
     outside = [c.score for c in result.clips if (lo is not None and c.score < lo) or (hi is not None and c.score > hi)]
     if outside:

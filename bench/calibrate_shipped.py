@@ -39,8 +39,27 @@ def main() -> None:
         log = json.loads(log_path.read_text())
         features, labels = Path(log["features"]), Path(log["labels"])
         if log.get("preset") == "demo":
+            if args.demo_labels is None:
+                print(f"skip {path.name}: pass --demo-labels (and --demo-features for its domain check)", flush=True)
+                continue
             if args.demo_features is None:
-                print(f"skip {path.name}: pass --demo-features and --demo-labels", flush=True)
+                # The interval needs the labels alone; the domain check needs the features too.
+                from aqa_cli.calibration import Calibration, store_in_head
+                from aqa_cli.dataset import read_labels
+
+                lab = read_labels(args.demo_labels)
+                targets = dict(zip(lab.ids, map(float, lab.target(log["target"]))))
+                calibration = Calibration.from_log(log, targets, dataset=f"the {len(targets)} synthetic training "
+                                                                          "routines")
+                if calibration.n != log["n_videos"]:
+                    raise SystemExit(f"{args.demo_labels}: labels for {calibration.n} of {log['n_videos']} videos")
+                before, _ = read_safetensors(path)
+                store_in_head(path, calibration, None)
+                assert all(before[k].equal(v) for k, v in read_safetensors(path)[0].items())
+                log.update(calibration_cv=calibration.cv_coverage(), domain_missing="the training features were "
+                           "not regenerated (bench/calibrate_shipped.py --demo-features)")
+                write_json(log_path, log)
+                print(f"{path.name}: interval only, ±{calibration.half_width(0.9):.2f}", flush=True)
                 continue
             features, labels = args.demo_features, args.demo_labels
         if not features.is_absolute():
