@@ -83,8 +83,10 @@ class Calibration:
         return self.oof - self.targets[None, :]
 
     def half_width(self, level: float = DEFAULT_LEVEL) -> float:
+        # Every repeat's residual counts as a calibration score (n = videos x repeats): the repeats draw other
+        # folds, so each is another out-of-fold look at the video. Coverage is measured, not assumed (cv_coverage).
         scores = np.abs(self.residuals()).ravel()
-        return conformal_quantile(scores, level, n=self.n)
+        return conformal_quantile(scores, level, n=len(scores))
 
     def interval(self, score: float, level: float = DEFAULT_LEVEL, scale: dict[str, Any] | None = None) -> dict:
         """{low, high, level, method, half_width}; clipped to the scale (a true score lies on it)."""
@@ -112,7 +114,7 @@ class Calibration:
             assign = rng.permutation(self.n) % folds
             for k in range(folds):
                 cal, held = assign != k, assign == k
-                hw = conformal_quantile(res[:, cal].ravel(), level, n=int(cal.sum()))
+                hw = conformal_quantile(res[:, cal].ravel(), level, n=int(res[:, cal].size))
                 covered.append(float(np.mean(res[:, held] <= hw)))
                 widths.append(2 * hw)
         return {"level": level, "coverage": float(np.mean(covered)), "coverage_sd": float(np.std(covered)),
