@@ -195,7 +195,8 @@ def score(
     inputs: Annotated[list[Path], typer.Argument(help="Videos, feature files (.npy with their .json sidecar), or "
                                                       "folders, taken recursively.")],
     preset: Annotated[Optional[str], typer.Option(help="Dataset preset: the target and its scale "
-                                                       "(default fisv-pcs, or the --weights checkpoint's).")] = None,
+                                                       "(default fisv: TES, PCS and their total; or the --weights "
+                                                       "checkpoint's).")] = None,
     head: Annotated[Optional[str], typer.Option(help="gdlt, cofinal, interp or mtl (default: the preset's shipped head "
                                                      "with the best cross-validated ρ).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="A head checkpoint (.safetensors) instead of a shipped "
@@ -228,6 +229,11 @@ def score(
     decoder: Annotated[str, typer.Option(help="auto (decord, else PyAV), decord or pyav.")] = "auto",
     top: Annotated[Optional[int], typer.Option(min=1, help="Show only the N clips that move the score most (by "
                                                            "measured effect) in each table.")] = None,
+    level: Annotated[float, typer.Option(help="The intervals' level: the share of videos like the training videos "
+                                              "whose judged score falls inside (calibrated by cross-validation).")] = 0.9,
+    strict_domain: Annotated[bool, typer.Option("--strict-domain", help="Fail a video that is unlike the head's "
+                                                                        "training videos instead of scoring it with a "
+                                                                        "mark.")] = False,
 ) -> None:
     """Score videos: the total on the sport's scale, each clip's weight and score behind it, and what each clip
     measurably does to the score."""
@@ -284,10 +290,11 @@ def score(
 
     scorer = Scorer(choice, backbone=backbone, device=device, precision=precision,
                     cache=None if no_cache else FeatureCache(), batch_size=batch_size, decoder=decoder, events=Events(),
-                    backbone_weights=backbone_weights, trust_features=trust_features)
+                    backbone_weights=backbone_weights, trust_features=trust_features, level=level,
+                    strict_domain=strict_domain)
     with progress:
         results = scorer.score_all(paths)
-    agreement = head_agreement(results) if len(choice.heads) > 1 else None
+    agreement = head_agreement(results) if len(choice.heads) > 1 and not choice.total_target else None
 
     written = []
     if csv_path is not None:
@@ -506,6 +513,7 @@ def evaluate(
         "--trust-features", help="Evaluate heads on features of other backbone weights than they were trained "
                                  "on (refused otherwise).")] = False,
     device: DeviceOpt = "auto",
+    level: Annotated[float, typer.Option(help="The level of the intervals whose coverage is checked.")] = 0.9,
 ) -> None:
     """Spearman ρ, Pearson r, R-ℓ2×100 and MAE of trained heads on labelled features, and the faithfulness of
     their per-clip explanations: ρ between the effect each clip's weight and score predicts and the measured
@@ -517,7 +525,7 @@ def evaluate(
 
     results, overall = run_evaluate(features, labels, [*weights, *(more_weights or [])], target,
                                     device=str(resolve_device(device)), trust_features=trust_features,
-                                    explain=explanations)
+                                    explain=explanations, level=level)
     if json_out:
         rows = [r.to_dict() for r in results]
         payload = rows[0] if len(rows) == 1 else rows

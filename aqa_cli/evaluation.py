@@ -32,12 +32,16 @@ class Evaluation:
 
 def evaluate(features: str | Path, labels: str | Path, weights: list[str | Path], targets: list[str] | None = None,
              *, device: str = "cpu", trust_features: bool = False,
-             explain: bool = True) -> tuple[list[Evaluation], float | None]:
+             explain: bool = True, level: float = 0.9) -> tuple[list[Evaluation], float | None]:
     """Evaluate each checkpoint on its target (``targets`` pairs with ``weights``, or one target serves all,
     or none: each checkpoint's own). Returns the evaluations and, for several, the Fisher-z mean ρ.
 
     ``explain`` adds the faithfulness of each head's explanations (mean and median over videos of ρ(D^, D))
-    and the deletion-curve area to its metrics; it costs one batched head pass per clip of every video."""
+    and the deletion-curve area to its metrics; it costs one batched head pass per clip of every video.
+
+    A calibrated head also gets its intervals checked (:func:`interval_report`): on these videos, the share inside
+    their ``level`` interval and the mean width, beside the coverage its cross-validation measured; and the share
+    its domain check flags."""
     if not weights:
         raise AqaError("no --weights given", fix="pass one or more head checkpoints (.safetensors)")
     targets = list(targets or [])
@@ -65,9 +69,34 @@ def evaluate(features: str | Path, labels: str | Path, weights: list[str | Path]
             span = float(loaded.scale["score_max"]) - float(loaded.scale["score_min"])
             ex = explanation_report(loaded.model, data.features, span, device=device)
             metrics.update({k: ex[k] for k in ("faithfulness", "faithfulness_median", "deletion_area")})
+        metrics.update(interval_report(loaded, data, pred, level))
         results.append(Evaluation(weights=Path(w), target=data.target_name, head=loaded.head,
                                   metrics=metrics,
                                   predictions={vid: float(p) for vid, p in zip(data.ids, np.round(pred, 4))},
                                   notes=[*data.notes, *([trusted] if trusted else [])]))
     overall = fisher_z_mean([r.metrics["spearman"] for r in results]) if len(results) > 1 else None
     return results, overall
+
+
+def interval_report(loaded: Any, data: FeatureSet, pred: np.ndarray, level: float = 0.9) -> dict[str, Any]:
+    """Coverage and mean width of the head's intervals on labelled videos, its CV figures, and its domain flags."""
+    from aqa_cli.calibration import read_calibration, read_domain
+
+    out: dict[str, Any] = {}
+    calibration = read_calibration(loaded.metadata)
+    if calibration is None:
+        out["interval"] = None
+        out["interval_missing"] = "the head file holds no calibration data (train it with --folds K)"
+    else:
+        scale = {"min": loaded.scale["score_min"], "max": loaded.scale["score_max"]}
+        intervals = [calibration.interval(float(p), level, scale) for p in pred]
+        inside = [i["low"] <= y <= i["high"] for i, y in zip(intervals, data.targets)]
+        out["interval"] = {"level": level, "coverage": float(np.mean(inside)),
+                           "mean_width": float(np.mean([i["high"] - i["low"] for i in intervals])),
+                           "half_width": intervals[0]["half_width"], "method": calibration.method, "n": len(inside),
+                           "cv": calibration.cv_coverage(level)}
+    domain = read_domain(loaded.path, loaded.metadata)
+    if domain is not None:
+        flags = [not domain.check(f)["in_domain"] for f in data.features]
+        out["domain"] = {"flagged": int(np.sum(flags)), "flag_rate": float(np.mean(flags)), "alpha": domain.alpha}
+    return out

@@ -113,7 +113,7 @@ def render_score(r, top_n: int | None = None) -> None:  # noqa: ANN001 - a Video
         table.add_row(str(c.index), format_range(c), f"{c.weight:.3f}", f"{c.score:.2f}", f"{c.contribution:.2f}",
                       effect, ", ".join(marks), style=style)
     out.print(table)
-    out.print(f"[bold]Total: {format_total(r)}[/bold]", highlight=False)
+    render_trust(r)
     line = explanation_line(r)
     out.print(f"  effect = score − the same head's score without that clip. {line[0].upper() + line[1:]}.",
               highlight=False, style=None if faithful else "yellow")
@@ -155,6 +155,20 @@ def render_score(r, top_n: int | None = None) -> None:  # noqa: ANN001 - a Video
         out.print(f"  [yellow]warning[/yellow] {w}", highlight=False)
 
 
+def render_trust(r) -> None:  # noqa: ANN001 - a VideoScore
+    """The score with its interval and rank (a total: each part's too), then what they mean, the domain check and
+    any note, in words."""
+    from aqa_cli.report import format_total, rank_phrase, trust_lines
+
+    for q in (*r.parts, r):
+        name = q.target if r.parts else "Total"
+        rank = rank_phrase(q)
+        out.print(f"[bold]{name}: {format_total(q)}[/bold]" + (f" · {rank}" if rank else ""), highlight=False)
+    for kind, line in trust_lines(r):
+        style = {"warning": "bold red", "note": "yellow"}.get(kind)
+        out.print(f"  {'⚠ ' if kind == 'warning' else ''}{line[0].upper() + line[1:]}.", highlight=False, style=style)
+
+
 def render_agreement(agreement: dict) -> None:
     heads = agreement["heads"]
     # Shipped heads share the preset prefix (fisv-pcs-gdlt, fisv-pcs-interp): the columns show what differs.
@@ -180,13 +194,17 @@ def render_batch(results) -> None:  # noqa: ANN001 - list[VideoScore]
     from aqa_cli.report import format_range, format_total, largest_effects
 
     table = Table(title="summary", title_justify="left")
-    for col in ("input", "head", "score", "moves the score most", "faithfulness", "status"):
+    for col in ("input", "head", "score", "moves the score most", "faithfulness", "domain", "status"):
         table.add_column(col)
     for r in results:
         top = largest_effects(r.clips, 1) if r.ok else []
         moves = f"clip {top[0].index} ({format_range(top[0])}, {top[0].effect:+.2f})" if top else "–"
         faith = f"{r.faithfulness:.2f}" if r.ok and r.faithfulness is not None else "–"
-        table.add_row(str(r.input), r.head_label, format_total(r) if r.ok else "–", moves, faith,
+        domain = "–" if not r.ok or not r.domain else (
+            f"like training (p {r.domain['p_value']:.2f})" if r.domain["in_domain"]
+            else f"[bold red]UNLIKE training[/bold red] (p {r.domain['p_value']:.3f})")
+        label = f"{r.target}: " if r.target and r.ok else ""
+        table.add_row(str(r.input), r.head_label, label + format_total(r) if r.ok else "–", moves, faith, domain,
                       "[green]ok[/green]" if r.ok else f"[red]failed[/red]: {r.error}")
     out.print(table)
 
@@ -364,3 +382,21 @@ def render_evaluation(results, overall: float | None, *, features: Path, explana
     out.print(table)
     if overall is not None:
         out.print(f"Fisher-z mean Spearman ρ: [bold]{overall:.3f}[/bold]")
+    for r in results:
+        render_interval_check(r.weights.name, r.metrics)
+
+
+def render_interval_check(name: str, m: dict) -> None:
+    """`aqa evaluate`'s interval and domain figures for one head: on these videos, and by its cross-validation."""
+    i = m.get("interval")
+    if i:
+        cv = i["cv"]
+        out.print(f"  {name}: {i['level']:.0%} intervals (±{i['half_width']:.2f}) hold {i['coverage']:.1%} of these "
+                  f"{i['n']} videos' labels, mean width {i['mean_width']:.2f}; cross-validation inside its training "
+                  f"videos: coverage {cv['coverage']:.1%}, mean width {cv['mean_width']:.2f}", highlight=False)
+    elif m.get("interval_missing"):
+        out.print(f"  {name}: no interval: {m['interval_missing']}", highlight=False, style="yellow")
+    d = m.get("domain")
+    if d:
+        out.print(f"  {name}: the domain check flags {d['flagged']} of these videos ({d['flag_rate']:.1%}; calibrated "
+                  f"to about {d['alpha']:.0%} of videos like its training videos)", highlight=False)

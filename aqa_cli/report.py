@@ -45,14 +45,61 @@ def format_range(clip: ClipScore) -> str:
     return f"{format_time(clip.start_s)}–{format_time(clip.end_s)}"
 
 
-def format_total(result: VideoScore, digits: int = 1) -> str:
-    """"31.4 / 40 points" (a scale not starting at 0 shows its range)."""
+def format_total(result: VideoScore, digits: int | None = None) -> str:
+    """"31 / 40 points, 90% interval 26–36" (a scale not starting at 0 shows its range); the score is rounded to
+    what its interval supports (:func:`aqa_cli.calibration.shown_digits`)."""
+    digits = result.display_digits if digits is None else digits
     lo, hi, unit = result.scale.get("min", 0.0), result.scale.get("max"), result.scale.get("unit", "points")
     if hi is None:
-        return f"{result.score:.{digits}f} {unit}"
-    if lo:
-        return f"{result.score:.{digits}f} {unit} (scale {lo:g} to {hi:g})"
-    return f"{result.score:.{digits}f} / {hi:g} {unit}"
+        text = f"{result.score:.{digits}f} {unit}"
+    elif lo:
+        text = f"{result.score:.{digits}f} {unit} (scale {lo:g} to {hi:g})"
+    else:
+        text = f"{result.score:.{digits}f} / {hi:g} {unit}"
+    if result.interval:
+        text += f", {format_interval(result, digits)}"
+    return text
+
+
+def format_interval(result: VideoScore, digits: int | None = None) -> str:
+    """"90% interval 26–36"."""
+    digits = result.display_digits if digits is None else digits
+    i = result.interval
+    return f"{i['level']:.0%} interval {i['low']:.{digits}f}–{i['high']:.{digits}f}"
+
+
+def rank_phrase(result: VideoScore) -> str:
+    """"higher than 64% of the 400 Fis-V training videos" (their judged scores), or ""."""
+    if not result.rank:
+        return ""
+    what = result.rank.get("dataset") or f"the {result.rank['of']} training videos"
+    return f"higher than {result.rank['below']:.0%} of {what}"
+
+
+def trust_lines(result: VideoScore) -> list[tuple[str, str]]:
+    """How far to trust a result (with its parts, for a total), in words a coach reads: (kind, sentence) for what
+    the interval means, why there is none, the domain check and clip scores off the scale; kind "warning" marks
+    what undermines the score, "note" what qualifies it."""
+    from aqa_cli.scoring import domain_sentence
+
+    lines: list[tuple[str, str]] = []
+    everything = (*result.parts, result)
+    with_interval = next((r for r in everything if r.interval), None)
+    if with_interval is not None:
+        i = with_interval.interval
+        lines.append(("info", f"the {i['level']:.0%} interval: for {round(100 * i['level'])} in 100 videos like the "
+                              f"{i['calibrated_on']} it was checked on (cross-validation), the judges' score fell "
+                              "inside it; the score is rounded to what it supports"))
+    for r in everything:
+        if r.interval_missing:
+            lines.append(("note", f"no interval{' for ' + r.target if r.target else ''}: {r.interval_missing}"))
+        if r.domain:
+            lines.append(("info" if r.domain["in_domain"] else "warning", domain_sentence(r.domain)))
+        elif r.domain_missing:
+            lines.append(("note", f"no domain check: {r.domain_missing}"))
+    if result.clip_scale_note:
+        lines.append(("note", result.clip_scale_note))
+    return list(dict.fromkeys(lines))
 
 
 def heaviest(clips: Sequence[ClipScore], k: int = TOP_CLIPS) -> list[ClipScore]:
@@ -103,13 +150,21 @@ def json_payload(results: Sequence[VideoScore]) -> dict | list:
 def scores_frame(results: Sequence[VideoScore]):  # -> pandas.DataFrame
     import pandas as pd
 
+    def trust(r: VideoScore) -> dict[str, Any]:
+        i, d = (r.interval or {}) if r.ok else {}, (r.domain or {}) if r.ok else {}
+        return {"target": r.target or None, "interval_low": i.get("low"), "interval_high": i.get("high"),
+                "interval_level": i.get("level"), "interval_method": i.get("method"),
+                "rank_below": (r.rank or {}).get("below") if r.ok else None, "domain_p": d.get("p_value"),
+                "in_domain": d.get("in_domain")}
+
     rows = [{"path": str(r.input), "status": r.status, "score": r.score if r.ok else None,
              "score_min": r.scale.get("min"), "score_max": r.scale.get("max"), "unit": r.scale.get("unit"),
              "head": r.head_label, "preset": r.preset, "backbone": r.backbone, "clips": len(r.clips) if r.ok else None,
              "faithfulness": r.faithfulness if r.ok else None, "features": r.features_source or None,
-             "error": r.error} for r in results]
+             "error": r.error, **trust(r)} for r in results]
     columns = ["path", "status", "score", "score_min", "score_max", "unit", "head", "preset", "backbone", "clips",
-               "faithfulness", "features", "error"]
+               "faithfulness", "features", "error", "target", "interval_low", "interval_high", "interval_level",
+               "interval_method", "rank_below", "domain_p", "in_domain"]
     # A nullable integer column: with a failed row (no clip count) a plain column would turn 7 into 7.0.
     return pd.DataFrame(rows, columns=columns).astype({"clips": "Int64"})
 
@@ -183,7 +238,9 @@ def timeline_png(result: VideoScore, *, width_in: float = 10.0, dpi: int = 100) 
     handles = [Patch(color=WEIGHT_COLOUR, label="clip weight"), Patch(color=TOP_COLOUR, label="heaviest clips"),
                *ax2.get_legend_handles_labels()[0]]
     ax.legend(handles=handles, loc="upper left", fontsize=8, framealpha=0.8)
-    ax.set_title(f"{Path(result.input).name}: {format_total(result)}  ({result.head_label})", fontsize=11)
+    flag = "" if not result.domain or result.domain["in_domain"] else "  [UNLIKE THE TRAINING VIDEOS]"
+    ax.set_title(f"{Path(result.input).name}: {result.target + ' ' if result.target else ''}{format_total(result)}"
+                 f"  ({result.head_label}){flag}", fontsize=11)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -212,14 +269,16 @@ def plot_paths(path: str | Path, results: Sequence[VideoScore]) -> list[tuple[Pa
 
 
 def primary_results(results: Sequence[VideoScore]) -> list[VideoScore]:
-    """The first head's successful result per input (the best head when several score each input)."""
+    """The first head's successful result per input (the best head when several score each input); a total of
+    several parts (fisv: TES + PCS) is the input's whole result, so it comes first."""
     seen: set[str] = set()
     firsts = []
-    for r in results:
+    for r in sorted(results, key=lambda r: not r.parts):
         if r.ok and str(r.input) not in seen:
             seen.add(str(r.input))
             firsts.append(r)
-    return firsts
+    order = list(dict.fromkeys(str(r.input) for r in results))
+    return sorted(firsts, key=lambda r: order.index(str(r.input)))
 
 
 # ------------------------------------------------------------------------------------------------ HTML report
@@ -281,7 +340,15 @@ _SCRIPT = """window.addEventListener('load', function () {
 def _video_section(k: int, result: VideoScore, others: Sequence[VideoScore]) -> str:
     e = html.escape
     parts = [f'<section id="video-{k}"><h2>{e(Path(result.input).name)}</h2>',
-             f'<p class="total">{e(format_total(result))}</p>']
+             f'<p class="total">{e(result.target + ": " if result.target else "")}{e(format_total(result))}</p>']
+    for part in result.parts:
+        parts.append(f'<p class="total">{e(part.target)}: {e(format_total(part))}</p>')
+    for r in (*result.parts, result):
+        if r.rank:
+            parts.append(f'<p class="meta">{e(r.target or "score")}: {e(rank_phrase(r))}, as judged.</p>')
+    for kind, line in trust_lines(result):
+        parts.append(f'<p class="{"note unfaithful" if kind == "warning" else "note" if kind == "note" else "meta"}">'
+                     f'{e(line)}.</p>')
     if result.demonstration:
         parts.append(f'<p class="demo">Note: {e(result.demonstration)}.</p>')
     cv = f", CV ρ {result.cv_spearman:.3f}" if result.cv_spearman is not None else ""

@@ -22,6 +22,7 @@ features…) becomes a failed :class:`VideoScore` and the batch goes on.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +46,9 @@ from aqa_cli.metrics import faithfulness, predicted_effects
 from aqa_cli.presets import Preset, list_presets, load_preset
 from aqa_cli.validation import check_score_in_scale
 
-DEFAULT_PRESET = "fisv-pcs"
+# The skater's whole result (TES, PCS and their total, fisv.toml) is what a user of figure-skating videos wants
+# from one run; its heads read the same Video Swin features, so the second head costs no second backbone pass.
+DEFAULT_PRESET = "fisv"
 FEATURE_SUFFIX = ".npy"
 # Faithfulness (Spearman ρ between the effects w·s predicts and the measured ones) from which a head's own
 # weights and scores are presented as the reason for its score.
@@ -106,10 +109,28 @@ class VideoScore:
     faithfulness: float | None = None
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    target: str = ""  # the label the score predicts: "TES", "PCS", "total", "score"…
+    # How far to trust the score (aqa_cli.calibration): {low, high, level, method, half_width, calibrated_on},
+    # or None with the reason in interval_missing.
+    interval: dict[str, Any] | None = None
+    interval_missing: str | None = None
+    rank: dict[str, Any] | None = None  # {below, of, dataset}: the share of training videos judged lower
+    domain: dict[str, Any] | None = None  # {p_value, in_domain, alpha, compared_with}; None: the head has no model
+    domain_missing: str | None = None  # why there is no domain check
+    # Clip scores are a head's per-clip values before weighting: only Σ w·s (+ terms) is on the scale.
+    clip_scale_note: str | None = None
+    parts: list[VideoScore] = field(default_factory=list)  # a total's parts (fisv: the TES and PCS results)
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def display_digits(self) -> int:
+        """Decimals the interval supports (one without an interval, as before)."""
+        from aqa_cli.calibration import shown_digits
+
+        return shown_digits(self.interval["half_width"]) if self.interval else 1
 
     @property
     def explanation_faithful(self) -> bool:
@@ -142,6 +163,13 @@ class VideoScore:
             "features_source": self.features_source,
             "demonstration": self.demonstration,
             "warnings": list(self.warnings),
+            "target": self.target or None,
+            "interval": dict(self.interval) if self.interval else None,
+            "interval_missing": self.interval_missing,
+            "rank": dict(self.rank) if self.rank else None,
+            "domain": dict(self.domain) if self.domain else None,
+            "domain_missing": self.domain_missing,
+            "clip_scores_note": self.clip_scale_note,
         })
         return d
 
@@ -203,6 +231,8 @@ class HeadChoice:
     preset: Preset | None
     heads: list[LoadedHead]  # best first
     notes: list[str] = field(default_factory=list)
+    # A preset that sums its parts (fisv): each video's results end with their total, target ``total``.
+    total_target: str | None = None
 
 
 def _try_preset(name: str) -> Preset | None:
@@ -254,9 +284,13 @@ def choose_heads(preset: str | None = None, head: str | None = None, weights: st
         name = loaded.preset or preset or ""
         return HeadChoice(name, _try_preset(name) if name else None, [loaded])
 
-    name = preset or DEFAULT_PRESET
+    # A deployment with its own weights folder (AQA_WEIGHTS_DIR) may name its own default preset.
+    name = preset or os.environ.get("AQA_DEFAULT_PRESET") or DEFAULT_PRESET
     if name not in list_presets():
         load_preset(name)  # raises the registry's "unknown preset" error, with the list
+    combined = load_preset(name)
+    if combined.combine:
+        return _choose_parts(combined, head, all_heads)
     notes: list[str] = []
     candidates = shipped_heads_for(name, notes=notes)
     if head is not None:
@@ -274,6 +308,19 @@ def choose_heads(preset: str | None = None, head: str | None = None, weights: st
                            "in that folder (AQA_WEIGHTS_DIR points it elsewhere)")
     return HeadChoice(name, load_preset(name), candidates if (all_heads or head) else [default_head(candidates)],
                       notes)
+
+
+def _choose_parts(preset: Preset, head: str | None, all_heads: bool) -> HeadChoice:
+    """The heads of a preset that sums others (fisv = fisv-tes + fisv-pcs): each part's default (or ``head``)."""
+    if all_heads:
+        raise AqaError(f"--all-heads compares one target's heads, and {preset.name} sums several",
+                       fix=f"use --preset {' or --preset '.join(preset.combine)} with --all-heads")
+    heads, notes = [], []
+    for part in preset.combine:
+        choice = choose_heads(part, head)
+        heads.extend(choice.heads)
+        notes.extend(choice.notes)
+    return HeadChoice(preset.name, preset, heads, notes, total_target=preset.target)
 
 
 # A head whose own weights and scores say what each clip does, by the bar of issue 13: faithfulness ≥ 0.9.
@@ -327,7 +374,7 @@ class Scorer:
                  precision: str = "fp32", cache: FeatureCache | None = None, batch_size: int | None = 4,
                  decoder: str = "auto", backbone_factory: BackboneFactory | None = None,
                  events: ScoreEvents | None = None, backbone_weights: str | None = None,
-                 trust_features: bool = False):
+                 trust_features: bool = False, level: float = 0.9, strict_domain: bool = False):
         if precision not in PRECISIONS:
             raise AqaError(f"unknown precision {precision!r}", fix=f"choose one of: {', '.join(PRECISIONS)}")
         self.choice = choice
@@ -341,6 +388,12 @@ class Scorer:
         # Other weights for the backbone: a registry name or a checkpoint file (create_backbone's ``weights``).
         self.backbone_weights = backbone_weights
         self.trust_features = trust_features
+        from aqa_cli.calibration import conformal_quantile
+
+        conformal_quantile([0.0], level)  # a level outside (0, 1) is refused before any video is read
+        self.level = level
+        self.strict_domain = strict_domain
+        self.trust = {id(h): head_trust(h) for h in choice.heads}
         self._user_identity: dict[str, tuple[str, str | None]] = {}
         # Each backbone's precision, resolved once (``auto`` becomes what it runs at): the cache key records it.
         self.precisions: dict[str, str] = {}
@@ -415,7 +468,29 @@ class Scorer:
                 result.status, result.error = "failed", exc.message if exc.path else f"{path}: {exc.message}"
             result.timings["total_s"] = time.perf_counter() - started
             results.append(result)
+        if self.choice.total_target:
+            results.append(self._total(path, kind, results))
         return results
+
+    def _total(self, path: Path, kind: str, parts: list[VideoScore]) -> VideoScore:
+        """The sum of the parts' results (fisv: TES + PCS), with the interval of their joint residuals."""
+        from aqa_cli.calibration import Calibration
+
+        calibrations = [self.trust[id(h)][0] for h in self.heads]
+        joint: Calibration | None = None
+        if all(c is not None for c in calibrations):
+            joint = calibrations[0]
+            for c in calibrations[1:]:
+                joint = joint.combined(c, self.choice.total_target or "total")
+        preset = self.choice.preset
+        total = combine_results(path, kind, parts, self.choice.preset_name, self.choice.total_target or "total",
+                                unit=preset.unit if preset is not None else "points")
+        if total.ok:
+            attach_trust(total, joint, None, self.level,
+                         missing=next((p.interval_missing for p in parts if p.interval_missing), None))
+            flagged = [p.domain for p in parts if p.domain]
+            total.domain = min(flagged, key=lambda d: d["p_value"]) if flagged else None
+        return total
 
     # -- features
 
@@ -428,7 +503,7 @@ class Scorer:
             scale={"min": scale["score_min"], "max": scale["score_max"],
                    "unit": preset.unit if preset is not None else scale["unit"]},
             demonstration=h.demonstration or (preset.demonstration_note if preset is not None else None),
-            cv_spearman=h.cv_spearman, members=h.members,
+            cv_spearman=h.cv_spearman, members=h.members, target=h.target,
         )
 
     def precision_for(self, backbone: str) -> str:
@@ -600,6 +675,102 @@ class Scorer:
         result.video = feats.video
         result.video_note = feats.video_note
         result.warnings = list(feats.warnings) + ([trusted] if trusted else [])
+        calibration, domain, missing = self.trust[id(h)]
+        attach_trust(result, calibration, domain, self.level, missing=missing, features=feats.features)
+        if self.strict_domain and result.domain and not result.domain["in_domain"]:
+            raise FeatureError(f"{domain_sentence(result.domain)}; not scored because of --strict-domain",
+                               path=path, fix="score videos like the head's training videos, or drop --strict-domain")
+
+
+# ------------------------------------------------------------------------------------------------ trust
+
+
+def head_trust(h: LoadedHead) -> tuple[Any, Any, str | None]:
+    """(calibration or None, domain model or None, why there is no interval): read once per head file."""
+    from aqa_cli.calibration import read_calibration, read_domain
+
+    calibration = read_calibration(h.metadata)
+    missing = None
+    if calibration is None:
+        missing = (f"{h.path.name} holds no calibration data (it was trained without --folds, or before intervals "
+                   "existed): no interval is shown rather than a made-up one")
+    return calibration, read_domain(h.path, h.metadata), missing
+
+
+def attach_trust(result: VideoScore, calibration: Any, domain: Any, level: float, *, missing: str | None = None,
+                 features: np.ndarray | None = None) -> None:
+    """The interval, the rank among the training videos, the domain check and the clip-scale note of a result."""
+    scale = {"min": result.scale.get("min"), "max": result.scale.get("max")}
+    if calibration is not None:
+        interval = calibration.interval(result.score, level, {k: v for k, v in scale.items() if v is not None})
+        if math.isfinite(interval["half_width"]):
+            result.interval = interval
+        else:
+            result.interval_missing = (f"{calibration.n} calibration videos are too few for a {level:.0%} interval")
+        result.rank = calibration.rank(result.score)
+    else:
+        result.interval_missing = missing
+    if domain is not None and features is not None:
+        result.domain = domain.check(features)
+    elif features is not None:
+        result.domain_missing = (f"{result.head_label} holds no model of its training videos, so nothing checks "
+                                 "that this video is like them")
+    lo, hi = scale["min"], scale["max"]
+    outside = [c.score for c in result.clips if (lo is not None and c.score < lo) or (hi is not None and c.score > hi)]
+    if outside:
+        worst = max(outside, key=lambda v: max((lo or 0.0) - v, v - (hi if hi is not None else v)))
+        result.clip_scale_note = (
+            f"{len(outside)} clip score(s) lie outside the {lo:g}–{hi:g} scale (e.g. {worst:.2f}): a clip score is "
+            "the head's value for that clip before weighting, not a score a clip could be given; only the weighted "
+            "sum is on the scale")
+
+
+def domain_sentence(domain: dict[str, Any]) -> str:
+    """The domain check in words."""
+    against = domain.get("compared_with") or "the head's training videos"
+    if domain["in_domain"]:
+        return f"like {against} (domain check p = {domain['p_value']:.3f})"
+    return (f"this video is unlike {against} (p = {domain['p_value']:.3f}): the score is not meaningful")
+
+
+def combine_results(path: Path, kind: str, parts: list[VideoScore], preset: str, target: str, *,
+                    unit: str = "points") -> VideoScore:
+    """The sum of several heads' results on one video: score, scale, additive terms and per-clip explanation.
+
+    Clip t's effect is the sum of its effects (removing a clip removes it from every part), its weight the parts'
+    mean weight and its score Σ_k w_kt·s_kt over that weight, so Σ_t w_t·s_t is the sum of the parts' Σ w·s."""
+    total = VideoScore(input=path, kind=kind, preset=preset, head="+".join(p.head_label for p in parts),
+                       target=target, parts=list(parts))
+    bad = [p for p in parts if not p.ok]
+    if bad:
+        total.error = bad[0].error
+        return total
+    first = parts[0]
+    total.status, total.score = "ok", float(sum(p.score for p in parts))
+    total.scale = {"min": sum(p.scale["min"] for p in parts), "max": sum(p.scale["max"] for p in parts), "unit": unit}
+    total.additive = {f"{p.target} {k}": v for p in parts for k, v in p.additive.items()}
+    clips = []
+    for t, c in enumerate(first.clips):
+        pieces = [p.clips[t] for p in parts]
+        weight = sum(q.weight for q in pieces) / len(pieces)
+        effects = [q.effect for q in pieces]
+        predicted = [q.predicted_effect for q in pieces]
+        clips.append(ClipScore(
+            index=c.index, start_s=c.start_s, end_s=c.end_s, weight=weight,
+            score=sum(q.contribution for q in pieces) / weight if weight > 0 else 0.0,
+            effect=None if None in effects else float(sum(effects)),
+            predicted_effect=None if None in predicted else float(sum(predicted)),
+            source_frame_start=c.source_frame_start, source_frame_end=c.source_frame_end))
+    total.clips = clips
+    if all(c.effect is not None and c.predicted_effect is not None for c in clips):
+        total.faithfulness = _finite_or_none(faithfulness(np.array([c.predicted_effect for c in clips]),
+                                                          np.array([c.effect for c in clips])))
+    total.backbone, total.features_source, total.video = first.backbone, first.features_source, first.video
+    total.demonstration = first.demonstration
+    total.warnings = list(dict.fromkeys(w for p in parts for w in p.warnings))
+    total.cv_spearman = None
+    total.members = 1
+    return total
 
 
 def _finite_or_none(value: float) -> float | None:

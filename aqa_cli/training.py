@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -406,6 +407,9 @@ def run_train_job(job: TrainJob, *, on_epoch: EpochCallback | None = None,
     if job.final == "folds" and job.folds < 2:
         raise AqaError("--final folds ships the cross-validation models", fix="add --folds K (K ≥ 2)")
     preset = load_preset(job.preset) if job.preset else None
+    if preset is not None and preset.combine:
+        raise AqaError(f"preset {preset.name} sums the scores of {' and '.join(preset.combine)}; it has no head of "
+                       "its own", fix=f"train each part: --preset {' / --preset '.join(preset.combine)}")
     data = load_feature_set(job.features, job.labels, job.target,
                             expected_dim=preset.feature_dim if preset else None)
     train_values = preset.train_settings(job.head) if preset else {}
@@ -475,9 +479,42 @@ def run_train_job(job: TrainJob, *, on_epoch: EpochCallback | None = None,
                 "cv": log.get("cv", {}), "train_seconds": f"{log['total_seconds']:.1f}"}
     out = Path(job.out)
     save_head(out, members, metadata, half=job.half)
+    log.update(calibrate_head_file(out, data, log, preset.dataset if preset else "", seed=job.seed))
     log["checkpoint"] = str(out)
     write_json(out.with_suffix(".log.json"), log)
     return log
+
+
+# Fewer training videos than this fit no domain model: its held-out p-values could not reach DOMAIN_ALPHA.
+DOMAIN_MIN_VIDEOS = 100
+
+
+def calibrate_head_file(path: str | Path, data: FeatureSet, log: dict[str, Any], dataset: str = "", *,
+                        seed: int = 0) -> dict[str, Any]:
+    """Store in a saved head file what its intervals and domain check need (:mod:`aqa_cli.calibration`): the
+    out-of-fold predictions of the log's cross-validation, and a model of the training videos' features with
+    held-out distances. Returns the log entries: the interval's coverage and width measured by CV, and what was
+    not stored and why."""
+    from aqa_cli.calibration import Calibration, DomainModel, store_in_head, video_descriptor
+
+    entries: dict[str, Any] = {}
+    label = f"the {len(data)} {dataset + ' ' if dataset else ''}training videos"
+    calibration = None
+    if log.get("cv_oof"):
+        calibration = Calibration.from_log(log, dict(zip(data.ids, map(float, data.targets))), dataset=label)
+        entries["calibration_cv"] = calibration.cv_coverage()
+    else:
+        entries["calibration_missing"] = "no cross-validation (train with --folds K): no interval can be calibrated"
+    domain = None
+    if len(data) >= DOMAIN_MIN_VIDEOS:
+        descriptors = np.stack([video_descriptor(f) for f in data.features])
+        domain = DomainModel.fit_calibrated(descriptors, seed=seed, label=label)
+        entries["domain"] = domain.info()
+    else:
+        entries["domain_missing"] = (f"{len(data)} training videos, under {DOMAIN_MIN_VIDEOS}: too few to calibrate "
+                                     "a domain check")
+    store_in_head(path, calibration, domain)
+    return entries
 
 
 def reused_cv(path: str, log: dict[str, Any], folds: int, repeats: int = 1) -> dict[str, Any]:

@@ -59,7 +59,8 @@ def shipped(tmp_path_factory):
 @pytest.fixture()
 def env(shipped, monkeypatch):
     monkeypatch.setenv("AQA_WEIGHTS_DIR", str(shipped))
-    return {"AQA_WEIGHTS_DIR": str(shipped)}
+    monkeypatch.setenv("AQA_DEFAULT_PRESET", "fisv-pcs")  # the stand-in ships fisv-pcs heads only
+    return {"AQA_WEIGHTS_DIR": str(shipped), "AQA_DEFAULT_PRESET": "fisv-pcs"}
 
 
 @pytest.fixture(scope="module")

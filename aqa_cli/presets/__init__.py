@@ -28,6 +28,9 @@ class Preset:
     heads: dict[str, Any] = field(default_factory=dict)
     # A preset for a demonstration model (synthetic data, not a real sport): true, or a note to show with scores.
     demonstration: bool | str = False
+    # A preset that sums other presets' scores (fisv: TES + PCS): their names. It scores with their heads and
+    # adds the total; it has no heads of its own to train.
+    combine: list[str] = field(default_factory=list)
     path: Path | None = None
 
     @property
