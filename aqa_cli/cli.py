@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from aqa_cli import render
 from aqa_cli.errors import AqaError
+from aqa_cli.inputs import FOLDER_RULE, find_inputs
 from aqa_cli.render import err, out
 
 app = typer.Typer(
@@ -56,7 +57,7 @@ def _interrupted_hint():
 
 @app.command("extract-features")
 def extract_features(
-    inputs: Annotated[list[Path], typer.Argument(help="Videos, or folders searched recursively by video extension.")],
+    inputs: Annotated[list[Path], typer.Argument(help=f"Videos, or folders holding them. {FOLDER_RULE}")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for <stem>.npy and <stem>.json.")],
     backbone: Annotated[str, typer.Option(help="Feature extractor: i3d (Kinetics-400 I3D), vst (Video Swin-B "
                                                 "Kinetics-600, the published AQA features) or pose (MediaPipe "
@@ -96,9 +97,15 @@ def extract_features(
                                                                           "for the same bytes).")] = None,
 ) -> None:
     """Extract one feature per clip for each video: DIR/<stem>.npy plus a JSON sidecar."""
+    found = find_inputs(inputs, features=False)
+    videos = found.paths
+    if found.skipped:
+        err.print(f"[cyan]note[/cyan] {found.skipped_note()}", highlight=False)
+    if not videos:
+        raise AqaError("no videos found in " + ", ".join(map(str, inputs)), fix="pass video files or folders holding them")
+
     from aqa_cli.backbones import create_backbone
     from aqa_cli.extract import ExtractEvents, extract_to_folder
-    from aqa_cli.video import find_videos
 
     if engine not in ("local", "ray"):
         raise AqaError(f"unknown engine {engine!r}", fix="use local or ray")
@@ -108,9 +115,6 @@ def extract_features(
         given = ", ".join(k for k, v in ray_only.items() if v is not None)
         raise AqaError(f"{given} only apply to --engine ray", fix="add --engine ray, or drop them")
 
-    videos = find_videos(inputs)
-    if not videos:
-        raise AqaError("no videos found in " + ", ".join(map(str, inputs)), fix="pass video files or folders holding them")
     if leftover is not None and leftover not in ("trim", "pad"):
         raise AqaError(f"unknown leftover policy {leftover!r}", fix="use trim or pad")
     if engine == "ray":
@@ -186,8 +190,9 @@ def extract_features(
 
 @app.command()
 def score(
-    inputs: Annotated[list[Path], typer.Argument(help="Videos, feature files (.npy with their .json sidecar), or "
-                                                      "folders, taken recursively.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Videos, feature files (.npy with their .json sidecar from "
+                                                      f"extract-features), or folders. {FOLDER_RULE} Feature files "
+                                                      "are taken from folders too.")],
     preset: Annotated[Optional[str], typer.Option(help="Dataset preset: the target and its scale "
                                                        "(default fisv-pcs, or the --weights checkpoint's).")] = None,
     head: Annotated[Optional[str], typer.Option(help="gdlt, cofinal, interp or mtl (default: the preset's shipped head "
@@ -227,20 +232,26 @@ def score(
     measurably does to the score."""
     import json as _json
 
+    # The inputs first, before torch is imported: a mistyped path is reported at once.
+    outputs = [p for p in (csv_path, clips_csv, plot, report) if p is not None]
+    found = find_inputs(inputs, features=True, exclude=outputs)
+    paths = found.paths
+    if not paths:
+        raise AqaError("nothing to score in " + ", ".join(map(str, inputs))
+                       + (f" ({found.skipped_note()})" if found.skipped else ""),
+                       fix="pass videos, feature files, or folders holding them")
+
     from aqa_cli.cache import FeatureCache
     from aqa_cli.report import (
         clips_frame, json_payload, plot_paths, primary_results, scores_frame, write_csv, write_plot, write_report,
     )
-    from aqa_cli.scoring import Scorer, ScoreEvents, choose_heads, find_inputs, head_agreement
+    from aqa_cli.scoring import Scorer, ScoreEvents, choose_heads, head_agreement
 
     choice = choose_heads(preset, head, weights, all_heads=all_heads)
     for note in choice.notes:
         err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
-    outputs = [p for p in (csv_path, clips_csv, plot, report) if p is not None]
-    paths = find_inputs(inputs, exclude=outputs)
-    if not paths:
-        raise AqaError("nothing to score in " + ", ".join(map(str, inputs)),
-                       fix="pass videos, feature files, or folders holding them")
+    if found.skipped:
+        err.print(f"[cyan]note:[/cyan] {found.skipped_note()}", highlight=False)
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=err, transient=True)
@@ -267,7 +278,7 @@ def score(
             progress.advance(self.inputs)
             for r in results:
                 if not r.ok:
-                    progress.console.print(f"[red]FAILED[/red] {r.error}", highlight=False, soft_wrap=True)
+                    progress.console.print(f"[red]FAILED[/red] {r.error}", highlight=False)
 
     scorer = Scorer(choice, backbone=backbone, device=device, precision=precision,
                     cache=None if no_cache else FeatureCache(), batch_size=batch_size, decoder=decoder, events=Events(),
@@ -304,7 +315,7 @@ def score(
     if bad:
         err.print(f"[red]{len({str(r.input) for r in bad})} of {len(paths)} input(s) failed:[/red]")
         for r in bad:
-            err.print(f"  {r.error}", highlight=False, soft_wrap=True)
+            render.note(r.error or "failed", console=err)
         raise typer.Exit(1)
 
 

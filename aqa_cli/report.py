@@ -13,6 +13,7 @@ import base64
 import html
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +36,31 @@ EFFECT_TOP_COLOUR = "#8e44ad"
 # ------------------------------------------------------------------------------------------------ text forms
 
 
-def format_time(seconds: float) -> str:
-    """mm:ss, rounded to the nearest second."""
-    total = int(round(max(seconds, 0.0)))
-    return f"{total // 60:02d}:{total % 60:02d}"
+def time_decimals(clips: Sequence[ClipScore]) -> int:
+    """Decimals of a second that clip times need: the fewest (0, 1 or 2) that put every clip boundary within 5%
+    of the shortest clip (1.28 s clips at 0.52 s, 1.80 s … need one: 0:00.5–0:01.8)."""
+    if not clips:
+        return 0
+    shortest = min(max(c.end_s - c.start_s, 1e-6) for c in clips)
+    bounds = [t for c in clips for t in (c.start_s, c.end_s)]
+    for decimals in (0, 1):
+        if max(abs(round(t, decimals) - t) for t in bounds) <= 0.05 * shortest:
+            return decimals
+    return 2
 
 
-def format_range(clip: ClipScore) -> str:
-    return f"{format_time(clip.start_s)}–{format_time(clip.end_s)}"
+def format_time(seconds: float, decimals: int = 0) -> str:
+    """m:ss, or m:ss.s with ``decimals`` (h:mm:ss from an hour on)."""
+    seconds = round(max(seconds, 0.0), decimals)
+    minutes, secs = divmod(seconds, 60.0)
+    hours, minutes = divmod(int(minutes), 60)
+    width = 2 + (decimals + 1 if decimals else 0)
+    text = f"{secs:0{width}.{decimals}f}"
+    return f"{hours}:{minutes:02d}:{text}" if hours else f"{minutes}:{text}"
+
+
+def format_range(clip: ClipScore, decimals: int = 1) -> str:
+    return f"{format_time(clip.start_s, decimals)}–{format_time(clip.end_s, decimals)}"
 
 
 def format_total(result: VideoScore, digits: int = 1) -> str:
@@ -71,18 +89,98 @@ def largest_effects(clips: Sequence[ClipScore], k: int = TOP_CLIPS) -> list[Clip
     return sorted(known, key=lambda c: (-abs(c.effect), c.index))[:k]
 
 
+# An effect smaller than this share of the scale (0.2 points on a 0–10 scale, 1 on 0–50) is shown but never
+# presented as a clip that matters: removing such a clip leaves the total where it was, to a reader.
+MATERIAL_SHARE = 0.02
+
+
+def material_threshold(result: VideoScore) -> float:
+    """The smallest |effect| presented as moving the score: :data:`MATERIAL_SHARE` of the scale (0 without one)."""
+    lo, hi = result.scale.get("min"), result.scale.get("max")
+    return MATERIAL_SHARE * (hi - lo) if lo is not None and hi is not None and hi > lo else 0.0
+
+
+def material_effects(result: VideoScore, k: int = TOP_CLIPS) -> list[ClipScore]:
+    """Of the ``k`` clips that move the score most, those whose effect is material (:func:`material_threshold`)."""
+    floor = material_threshold(result)
+    return [c for c in largest_effects(result.clips, k) if abs(c.effect) >= floor]
+
+
+@dataclass
+class ClipMarks:
+    """Which clips the table, the timeline and the report single out, and why (the legend under the table)."""
+
+    moving: set[int]  # ◆ the clips that move the score most, where that effect is material
+    heaviest: set[int]  # ★ the largest weights, only where the head's explanation is faithful
+    lowest: int | None  # ▼ the lowest clip score, likewise
+    per_video: int  # how many clips ◆ and ★ mark at most (highlight_count)
+    threshold: float
+    clips: int
+    unit: str
+
+    def legend(self) -> list[str]:
+        """One line per mark in use: what singles those clips out, and how many it may mark."""
+        n = self.per_video
+        quota = f"1 clip per 4, at most 3: {n} here"
+        floor = f"{self.threshold:.2f} {self.unit} ({100 * MATERIAL_SHARE:g}% of the scale)"
+        lines = [f"◆ removing {'it' if n == 1 else 'each'} changes the score by {floor} or more: the "
+                 f"{'largest such effect' if n == 1 else f'{n} largest such effects'} ({quota})" if self.moving
+                 else f"◆ none: removing any one clip changes the score by less than {floor}"]
+        if self.heaviest:
+            lines.append(f"★ {'the heaviest weight' if n == 1 else f'the {n} heaviest weights'}: what the head "
+                         f"counts most ({quota})")
+        if self.lowest is not None:
+            lines.append("▼ the lowest clip score")
+        return lines
+
+    def symbols(self, index: int) -> str:
+        return ("◆" if index in self.moving else "") + ("★" if index in self.heaviest else "") + (
+            "▼" if index == self.lowest else "")
+
+
+def clip_marks(result: VideoScore) -> ClipMarks:
+    """The marks of :class:`ClipMarks` for one scored video."""
+    clips = result.clips
+    n_marked = highlight_count(len(clips))
+    # The head's own "heaviest" and "lowest score" are reasons only where its explanation is faithful; uniform
+    # weights (the mtl head averages its clips) have no heaviest clip to point at either.
+    uniform = len(clips) > 1 and max(c.weight for c in clips) - min(c.weight for c in clips) < 1e-9
+    faithful = result.explanation_faithful
+    low = lowest_scoring(clips) if faithful else None
+    return ClipMarks(moving={c.index for c in material_effects(result, n_marked)},
+                     heaviest=set() if uniform or not faithful else {c.index for c in heaviest(clips, n_marked)},
+                     lowest=low.index if low is not None else None, per_video=n_marked,
+                     threshold=material_threshold(result), clips=len(clips), unit=result.scale.get("unit", "points"))
+
+
 def explanation_line(result: VideoScore) -> str:
     """One sentence on whether the head's weights and scores say what its clips do, with the measured ρ."""
     from aqa_cli.scoring import FAITHFUL_RHO
 
     if result.faithfulness is None:
-        return "too few clips to check the head's explanation against measured effects"
+        return "too few clips to check the head's weights and scores against what removing each clip does"
     rho = result.faithfulness
     if result.explanation_faithful:
-        return (f"the head's weights and scores are faithful here: they rank the clips as their measured effects do "
-                f"(ρ {rho:.2f})")
-    return (f"the head's weights and scores do NOT say what each clip does to this score (ρ {rho:.2f} against the "
-            f"measured effects, below {FAITHFUL_RHO}): read the effect column, not the weights")
+        return (f"the head's weights and scores are faithful here: the clips they rank high are the ones whose "
+                f"removal changes the score most (agreement ρ {rho:.2f}, 1 = the same order)")
+    return (f"the head's weights and scores do NOT say what each clip does to this score (agreement ρ {rho:.2f} "
+            f"with the measured effects, below {FAITHFUL_RHO}): read the effect column, not the weights")
+
+
+_FEATURES_FROM = {"backbone": "computed from the video", "cache": "from the feature cache",
+                  "file": "from a feature file"}
+
+
+def head_description(result: VideoScore) -> str:
+    """Which model scored the video, in plain words: its checkpoint, how many models it averages, how well it
+    ranked videos it was not trained on, and where the features came from."""
+    what = f"head {result.head_label} ({result.head}" + (
+        f", the average of {result.members} models" if result.members > 1 else "") + ")"
+    if result.cv_spearman is not None:
+        what += (f": on videos it was not trained on, its ranking agrees with the reference scores at "
+                 f"ρ {result.cv_spearman:.2f} (1 = the same order, 0 = unrelated)")
+    return " · ".join([what, f"preset {result.preset or 'none'}",
+                       f"backbone {result.backbone}, features {_FEATURES_FROM.get(result.features_source, '?')}"])
 
 
 def lowest_scoring(clips: Sequence[ClipScore]) -> ClipScore | None:
