@@ -495,23 +495,25 @@ def evaluate(
     target: Annotated[Optional[list[str]], typer.Option(help="Label column(s): one for all, one per checkpoint, or none for each checkpoint's own.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (a list for several).")] = False,
     explanations: Annotated[bool, typer.Option(help="Also measure how faithful each head's per-clip explanations "
-                                                    "are (one head pass per clip of every video).")] = True,
+                                                    "are: one head pass per clip of every video, minutes on a "
+                                                    "hundred videos.")] = False,
     trust_features: Annotated[bool, typer.Option(
         "--trust-features", help="Evaluate heads on features of other backbone weights than they were trained "
                                  "on (refused otherwise).")] = False,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Spearman ρ, Pearson r, R-ℓ2×100 and MAE of trained heads on labelled features, and the faithfulness of
-    their per-clip explanations: ρ between the effect each clip's weight and score predicts and the measured
+    """Spearman ρ, Pearson r, R-ℓ2×100 and MAE of trained heads on labelled features; with --explanations also the
+    faithfulness of their per-clip explanations: ρ between the effect each clip's weight and score predicts and the measured
     effect of removing it (mean over videos), and the deletion-curve area."""
     import json as _json
 
     from aqa_cli.backbones import resolve_device
     from aqa_cli.evaluation import evaluate as run_evaluate
 
-    results, overall = run_evaluate(features, labels, [*weights, *(more_weights or [])], target,
-                                    device=str(resolve_device(device)), trust_features=trust_features,
-                                    explain=explanations)
+    with render.StepProgress() as progress:
+        results, overall = run_evaluate(features, labels, [*weights, *(more_weights or [])], target,
+                                        device=str(resolve_device(device)), trust_features=trust_features,
+                                        explain=explanations, on_progress=progress.update)
     if json_out:
         rows = [r.to_dict() for r in results]
         payload = rows[0] if len(rows) == 1 else rows

@@ -224,6 +224,32 @@ def json_field(meta: dict, key: str) -> dict:
         return {}
 
 
+class StepProgress:
+    """A progress line on stderr for a run of named steps, some counted (``update(what, done, total)``); a log file
+    (stderr not a terminal) gets one line per step instead of a live bar."""
+
+    def __init__(self) -> None:
+        from rich.progress import MofNCompleteColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=err, transient=True)
+        self.task = self.bar.add_task("", total=None)
+        self.last = ""
+
+    def update(self, what: str, done: int, total: int | None) -> None:
+        if not err.is_terminal and what != self.last:
+            err.print(f"[dim]{what}…[/dim]", highlight=False)
+        self.last = what
+        self.bar.update(self.task, description=what, completed=done, total=total)
+
+    def __enter__(self) -> StepProgress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+
 class DownloadBar:
     """A rich download bar that appears with the first byte (not at all when nothing is downloaded)."""
 
