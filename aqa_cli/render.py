@@ -13,7 +13,6 @@ from importlib import metadata
 from pathlib import Path
 
 from rich.console import Console
-from rich.padding import Padding
 from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
@@ -73,7 +72,10 @@ class ClipRate(ProgressColumn):
 
 def note(text: str, *, style: str | None = None, indent: int = 2, console: Console | None = None) -> None:
     """A line of explanation under a table, wrapped to the terminal with its indent kept on every line."""
-    (console or out).print(Padding(Text(text, style=style or ""), (0, 0, 0, indent), expand=False))
+    console = console or out
+    for line in Text(text, style=style or "").wrap(console, max(console.width - indent, 20)):
+        line.rstrip()
+        console.print(Text(" " * indent) + line, highlight=False)
 
 
 def render_score(r, top_n: int | None = None) -> None:  # noqa: ANN001 - a VideoScore
