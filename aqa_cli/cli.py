@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from aqa_cli import render
 from aqa_cli.errors import AqaError
+from aqa_cli.inputs import FOLDER_RULE, find_inputs
 from aqa_cli.render import err, out
 
 app = typer.Typer(
@@ -56,7 +57,7 @@ def _interrupted_hint():
 
 @app.command("extract-features")
 def extract_features(
-    inputs: Annotated[list[Path], typer.Argument(help="Videos, or folders searched recursively by video extension.")],
+    inputs: Annotated[list[Path], typer.Argument(help=f"Videos, or folders holding them. {FOLDER_RULE}")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for <stem>.npy and <stem>.json.")],
     backbone: Annotated[str, typer.Option(help="Feature extractor: i3d (Kinetics-400 I3D), vst (Video Swin-B "
                                                 "Kinetics-600, the published AQA features) or pose (MediaPipe "
@@ -96,9 +97,15 @@ def extract_features(
                                                                           "for the same bytes).")] = None,
 ) -> None:
     """Extract one feature per clip for each video: DIR/<stem>.npy plus a JSON sidecar."""
+    found = find_inputs(inputs, features=False)
+    videos = found.paths
+    if found.skipped:
+        err.print(f"[cyan]note[/cyan] {found.skipped_note()}", highlight=False)
+    if not videos:
+        raise AqaError("no videos found in " + ", ".join(map(str, inputs)), fix="pass video files or folders holding them")
+
     from aqa_cli.backbones import create_backbone
     from aqa_cli.extract import ExtractEvents, extract_to_folder
-    from aqa_cli.video import find_videos
     from aqa_cli.validation import check_options, check_output_dir
 
     check_options(clip_len=clip_len, stride=stride, batch_size=batch_size, decode_workers=decode_workers,
@@ -114,9 +121,6 @@ def extract_features(
         given = ", ".join(k for k, v in ray_only.items() if v is not None)
         raise AqaError(f"{given} only apply to --engine ray", fix="add --engine ray, or drop them")
 
-    videos = find_videos(inputs)
-    if not videos:
-        raise AqaError("no videos found in " + ", ".join(map(str, inputs)), fix="pass video files or folders holding them")
     if leftover is not None and leftover not in ("trim", "pad"):
         raise AqaError(f"unknown leftover policy {leftover!r}", fix="use trim or pad")
     if engine == "ray":
@@ -192,8 +196,9 @@ def extract_features(
 
 @app.command()
 def score(
-    inputs: Annotated[list[Path], typer.Argument(help="Videos, feature files (.npy with their .json sidecar), or "
-                                                      "folders, taken recursively.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Videos, feature files (.npy with their .json sidecar from "
+                                                      f"extract-features), or folders. {FOLDER_RULE} Feature files "
+                                                      "are taken from folders too.")],
     preset: Annotated[Optional[str], typer.Option(help="Dataset preset: the target and its scale "
                                                        "(default fisv: TES, PCS and their total; or the --weights "
                                                        "checkpoint's).")] = None,
@@ -239,11 +244,20 @@ def score(
     measurably does to the score."""
     import json as _json
 
+    # The inputs first, before torch is imported: a mistyped path is reported at once.
+    outputs = [p for p in (csv_path, clips_csv, plot, report) if p is not None]
+    found = find_inputs(inputs, features=True, exclude=outputs)
+    paths = found.paths
+    if not paths:
+        raise AqaError("nothing to score in " + ", ".join(map(str, inputs))
+                       + (f" ({found.skipped_note()})" if found.skipped else ""),
+                       fix="pass videos, feature files, or folders holding them")
+
     from aqa_cli.cache import FeatureCache
     from aqa_cli.report import (
         clips_frame, json_payload, plot_paths, primary_results, scores_frame, write_csv, write_plot, write_report,
     )
-    from aqa_cli.scoring import Scorer, ScoreEvents, choose_heads, find_inputs, head_agreement
+    from aqa_cli.scoring import Scorer, ScoreEvents, choose_heads, head_agreement
     from aqa_cli.validation import check_distinct_outputs, check_options, check_output_file
 
     check_options(batch_size=batch_size, top=top)
@@ -255,11 +269,8 @@ def score(
     choice = choose_heads(preset, head, weights, all_heads=all_heads)
     for note in choice.notes:
         err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
-    outputs = [p for p in (csv_path, clips_csv, plot, report) if p is not None]
-    paths = find_inputs(inputs, exclude=outputs)
-    if not paths:
-        raise AqaError("nothing to score in " + ", ".join(map(str, inputs)),
-                       fix="pass videos, feature files, or folders holding them")
+    if found.skipped:
+        err.print(f"[cyan]note:[/cyan] {found.skipped_note()}", highlight=False)
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=err, transient=True)
@@ -286,7 +297,7 @@ def score(
             progress.advance(self.inputs)
             for r in results:
                 if not r.ok:
-                    progress.console.print(f"[red]FAILED[/red] {r.error}", highlight=False, soft_wrap=True)
+                    progress.console.print(f"[red]FAILED[/red] {r.error}", highlight=False)
 
     scorer = Scorer(choice, backbone=backbone, device=device, precision=precision,
                     cache=None if no_cache else FeatureCache(), batch_size=batch_size, decoder=decoder, events=Events(),
@@ -324,7 +335,7 @@ def score(
     if bad:
         err.print(f"[red]{len({str(r.input) for r in bad})} of {len(paths)} input(s) failed:[/red]")
         for r in bad:
-            err.print(f"  {r.error}", highlight=False, soft_wrap=True)
+            render.note(r.error or "failed", console=err)
         raise typer.Exit(1)
 
 
@@ -508,24 +519,26 @@ def evaluate(
     target: Annotated[Optional[list[str]], typer.Option(help="Label column(s): one for all, one per checkpoint, or none for each checkpoint's own.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (a list for several).")] = False,
     explanations: Annotated[bool, typer.Option(help="Also measure how faithful each head's per-clip explanations "
-                                                    "are (one head pass per clip of every video).")] = True,
+                                                    "are: one head pass per clip of every video, minutes on a "
+                                                    "hundred videos.")] = False,
     trust_features: Annotated[bool, typer.Option(
         "--trust-features", help="Evaluate heads on features of other backbone weights than they were trained "
                                  "on (refused otherwise).")] = False,
     device: DeviceOpt = "auto",
     level: Annotated[float, typer.Option(help="The level of the intervals whose coverage is checked.")] = 0.9,
 ) -> None:
-    """Spearman ρ, Pearson r, R-ℓ2×100 and MAE of trained heads on labelled features, and the faithfulness of
-    their per-clip explanations: ρ between the effect each clip's weight and score predicts and the measured
+    """Spearman ρ, Pearson r, R-ℓ2×100 and MAE of trained heads on labelled features; with --explanations also the
+    faithfulness of their per-clip explanations: ρ between the effect each clip's weight and score predicts and the measured
     effect of removing it (mean over videos), and the deletion-curve area."""
     import json as _json
 
     from aqa_cli.backbones import resolve_device
     from aqa_cli.evaluation import evaluate as run_evaluate
 
-    results, overall = run_evaluate(features, labels, [*weights, *(more_weights or [])], target,
-                                    device=str(resolve_device(device)), trust_features=trust_features,
-                                    explain=explanations, level=level)
+    with render.StepProgress() as progress:
+        results, overall = run_evaluate(features, labels, [*weights, *(more_weights or [])], target,
+                                        device=str(resolve_device(device)), trust_features=trust_features,
+                                        explain=explanations, level=level, on_progress=progress.update)
     if json_out:
         rows = [r.to_dict() for r in results]
         payload = rows[0] if len(rows) == 1 else rows

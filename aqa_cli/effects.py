@@ -19,6 +19,7 @@ evaluate`` and the cross-validation figures of ``aqa train``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,16 +159,20 @@ def deletion_area(model: torch.nn.Module, features: np.ndarray | torch.Tensor, p
 
 
 def explanation_report(model: torch.nn.Module, videos: list[np.ndarray], span: float, *,
-                       device: torch.device | str = "cpu") -> dict[str, float]:
-    """Faithfulness (mean, median over videos) and the mean deletion area of ``model`` on ``videos``."""
+                       device: torch.device | str = "cpu",
+                       on_video: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Faithfulness (mean, median over videos) and the mean deletion area of ``model`` on ``videos``;
+    ``on_video(k)`` is called after the k-th video (progress)."""
     rhos, areas = [], []
-    for features in videos:
+    for k, features in enumerate(videos, start=1):
         fx = clip_effects(model, features, device=device)
         if np.isfinite(fx.faithfulness):
             rhos.append(fx.faithfulness)
         area = deletion_area(model, features, fx.predicted, span, device=device)
         if np.isfinite(area):
             areas.append(area)
+        if on_video is not None:
+            on_video(k)
     return {"faithfulness": float(np.mean(rhos)) if rhos else float("nan"),
             "faithfulness_median": float(np.median(rhos)) if rhos else float("nan"),
             "deletion_area": float(np.mean(areas)) if areas else float("nan"),

@@ -3,6 +3,7 @@ faithful the head's per-clip explanations are (:func:`aqa_cli.effects.explanatio
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,17 +32,21 @@ class Evaluation:
 
 
 def evaluate(features: str | Path, labels: str | Path, weights: list[str | Path], targets: list[str] | None = None,
-             *, device: str = "cpu", trust_features: bool = False,
-             explain: bool = True, level: float = 0.9) -> tuple[list[Evaluation], float | None]:
+             *, device: str = "cpu", trust_features: bool = False, explain: bool = False, level: float = 0.9,
+             on_progress: Callable[[str, int, int | None], None] | None = None,
+             ) -> tuple[list[Evaluation], float | None]:
     """Evaluate each checkpoint on its target (``targets`` pairs with ``weights``, or one target serves all,
     or none: each checkpoint's own). Returns the evaluations and, for several, the Fisher-z mean ρ.
 
     ``explain`` adds the faithfulness of each head's explanations (mean and median over videos of ρ(D^, D))
-    and the deletion-curve area to its metrics; it costs one batched head pass per clip of every video.
+    and the deletion-curve area to its metrics. Off by default: it costs one batched head pass per clip of every
+    video (minutes on a hundred videos, growing with the cube of their clip count for the interp head), where
+    the metrics take one pass per video. ``on_progress(what, done, total)`` reports each step as it goes.
 
     A calibrated head also gets its intervals checked (:func:`interval_report`): on these videos, the share inside
     their ``level`` interval and the mean width, beside the coverage its cross-validation measured; and the share
     its domain check flags."""
+    report_progress = on_progress or (lambda what, done, total: None)
     if not weights:
         raise AqaError("no --weights given", fix="pass one or more head checkpoints (.safetensors)")
     targets = list(targets or [])
@@ -52,22 +57,29 @@ def evaluate(features: str | Path, labels: str | Path, weights: list[str | Path]
     datasets: dict[str, FeatureSet] = {}  # one read of the features per target, however many checkpoints
     results = []
     for i, w in enumerate(weights):
+        name = f"{Path(w).name} ({i + 1}/{len(weights)})"
+        report_progress(f"{name}: loading", 0, None)
         loaded = load_head(w, device=device)
         target = targets[i] if len(targets) == len(weights) else (targets[0] if targets else loaded.target)
         if not target:
             raise AqaError("the checkpoint records no target", path=w, fix="pass --target")
         data = datasets.get(lab.column(target))
         if data is None:
+            report_progress(f"{name}: reading the features", 0, None)
             data = datasets[lab.column(target)] = load_feature_set(features, lab, target)
         trusted = loaded.check_features(data.features, data.ids, data.feature_dir, data.contract,
                                         trust_features=trust_features)
+        report_progress(f"{name}: scoring {len(data.ids)} videos", 0, None)
         pred = predict_set(loaded.model, data, device=device)
         metrics = report(pred, data.targets)
         if explain:
             from aqa_cli.effects import explanation_report
 
             span = float(loaded.scale["score_max"]) - float(loaded.scale["score_min"])
-            ex = explanation_report(loaded.model, data.features, span, device=device)
+            videos = len(data.features)
+            report_progress(f"{name}: explanations", 0, videos)
+            ex = explanation_report(loaded.model, data.features, span, device=device,
+                                    on_video=lambda k: report_progress(f"{name}: explanations", k, videos))
             metrics.update({k: ex[k] for k in ("faithfulness", "faithfulness_median", "deletion_area")})
         metrics.update(interval_report(loaded, data, pred, level))
         results.append(Evaluation(weights=Path(w), target=data.target_name, head=loaded.head,

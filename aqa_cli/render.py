@@ -70,89 +70,81 @@ class ClipRate(ProgressColumn):
         return Text(f"{rate:5.2f} clips/s", style="cyan")
 
 
+def note(text: str, *, style: str | None = None, indent: int = 2, console: Console | None = None) -> None:
+    """A line of explanation under a table, wrapped to the terminal with its indent kept on every line."""
+    console = console or out
+    for line in Text(text, style=style or "").wrap(console, max(console.width - indent, 20)):
+        line.rstrip()
+        console.print(Text(" " * indent) + line, highlight=False)
+
+
 def render_score(r, top_n: int | None = None) -> None:  # noqa: ANN001 - a VideoScore
     from aqa_cli.report import (
-        explanation_line, format_range, format_total, heaviest, highlight_count, largest_effects, lowest_scoring,
+        clip_marks, explanation_line, format_range, head_description, heaviest, largest_effects,
+        time_decimals,
     )
 
-    n_marked = highlight_count(len(r.clips))
-    moving = {c.index for c in largest_effects(r.clips, n_marked)}
-    # The head's own "heaviest" and "lowest score" are reasons only where its explanation is faithful; uniform
-    # weights (the mtl head averages its clips) have no heaviest clip to point at either.
-    uniform = len(r.clips) > 1 and max(c.weight for c in r.clips) - min(c.weight for c in r.clips) < 1e-9
-    faithful = r.explanation_faithful
-    top = set() if uniform or not faithful else {c.index for c in heaviest(r.clips, n_marked)}
-    low = lowest_scoring(r.clips) if faithful else None
+    marks = clip_marks(r)
+    decimals = time_decimals(r.clips)
     shown = r.clips
     if top_n is not None and top_n < len(r.clips):
         # The N clips that matter most, by measured effect (by weight when effects are unknown), in time order.
         keep = {c.index for c in (largest_effects(r.clips, top_n) or heaviest(r.clips, top_n))}
         shown = [c for c in r.clips if c.index in keep]
-    title = f"{r.input} · {r.head_label}" + (f" · the {len(shown)} of {len(r.clips)} clips that move the score most"
+    title = f"{r.input} · {r.head_label}" + (f" · the {len(shown)} of {len(r.clips)} clips with the largest effects"
                                              if len(shown) < len(r.clips) else "")
     table = Table(title=title, title_justify="left")
     table.add_column("clip", justify="right")
-    table.add_column("time")
+    table.add_column("time (m:ss)")
     table.add_column("weight", justify="right")
     table.add_column("score", justify="right")
     table.add_column("w·s", justify="right")
     table.add_column("effect", justify="right")
     table.add_column("")
     for c in shown:
-        marks, style = [], None
-        if c.index in moving:
-            marks.append("◆ top effect")
-            style = "bold magenta"
-        if c.index in top:
-            marks.append("★ heaviest")
-            style = style or "bold yellow"
-        if low is not None and c.index == low.index:
-            marks.append("▼ lowest score")
-            style = style or "red"
+        style = ("bold magenta" if c.index in marks.moving else "bold yellow" if c.index in marks.heaviest
+                 else "red" if c.index == marks.lowest else None)
         effect = f"{c.effect:+.2f}" if c.effect is not None else "–"
-        table.add_row(str(c.index), format_range(c), f"{c.weight:.3f}", f"{c.score:.2f}", f"{c.contribution:.2f}",
-                      effect, ", ".join(marks), style=style)
+        table.add_row(str(c.index), format_range(c, decimals), f"{c.weight:.3f}", f"{c.score:.2f}",
+                      f"{c.contribution:.2f}", effect, marks.symbols(c.index), style=style)
     out.print(table)
+    for line in marks.legend():
+        note(line)
     render_trust(r)
     line = explanation_line(r)
-    out.print(f"  effect = score − the same head's score without that clip. {line[0].upper() + line[1:]}.",
-              highlight=False, style=None if faithful else "yellow")
+    note(f"w·s = weight × score, the clip's part of the total; effect = the score minus the same head's score "
+         f"without that clip. {line[0].upper() + line[1:]}.", style=None if r.explanation_faithful else "yellow")
     if r.additive:
         weighted = sum(c.contribution for c in r.clips)
         terms = " ".join(f"+ {k} {v:.2f}" for k, v in r.additive.items())
-        out.print(f"  = Σ w·s {weighted:.2f} {terms}", highlight=False)
+        note(f"= Σ w·s {weighted:.2f} {terms}")
     if r.extras.get("action_text"):
-        out.print(f"  action: {r.extras['action_text']}", highlight=False)
+        note(f"action: {r.extras['action_text']}")
     if "commentary" in r.extras:
-        line = r.extras["commentary"]
-        shown = f'"{line}"' if line else "(none: the head was trained without captions)"
-        out.print(f"  commentary: {shown}", highlight=False)
+        said = r.extras["commentary"]
+        note("commentary: " + (f'"{said}"' if said else "(none: the head was trained without captions)"))
     if r.extras.get("scale"):
-        out.print(f"  scale: {r.extras['scale']}", highlight=False)
+        note(f"scale: {r.extras['scale']}")
     if r.extras.get("exemplars"):
         ex = r.extras["exemplars"]
-        out.print(f"  exemplars ({len(ex)}, score + difference): "
-                  + " · ".join(f"{e['id']} {e['score']:.2f} {e['difference']:+.2f}" for e in ex), highlight=False)
+        note(f"exemplars ({len(ex)}, score + difference): "
+             + " · ".join(f"{e['id']} {e['score']:.2f} {e['difference']:+.2f}" for e in ex))
     if r.extras.get("steps"):
-        out.print("  steps: " + " · ".join(f"{run['step']} {run['start_s']:.2f}–{run['end_s']:.2f} s"
-                                          if "start_s" in run else run["step"] for run in r.extras["steps"]),
-                  highlight=False)
+        note("steps: " + " · ".join(f"{run['step']} {run['start_s']:.2f}–{run['end_s']:.2f} s"
+                                    if "start_s" in run else run["step"] for run in r.extras["steps"]))
     if r.extras.get("decomposition"):
-        out.print(f"  clip scores: {r.extras['decomposition']}", highlight=False)
+        note(f"clip scores: {r.extras['decomposition']}")
     grades = r.extras.get("grades")
     if grades:
-        out.print("  grade probabilities: " + " · ".join(f"{g['value']:.1f}: {100 * g['prob']:.0f}%" for g in grades),
-                  highlight=False)
+        note("grade probabilities: " + " · ".join(f"{g['value']:.1f}: {100 * g['prob']:.0f}%" for g in grades))
     if r.extras.get("member_scores"):
-        out.print("  ensemble members: " + " ".join(f"{s:.2f}" for s in r.extras["member_scores"]), highlight=False)
-    cv = f", CV ρ {r.cv_spearman:.3f}" if r.cv_spearman is not None else ""
-    members = f", {r.members}-model ensemble" if r.members > 1 else ""
-    out.print(f"  preset {r.preset or 'none'} · head {r.head} ({r.head_path.name if r.head_path else '?'}{members}{cv})"
-              f" · backbone {r.backbone} (features from {r.features_source})", highlight=False, style="dim")
+        members = r.extras["member_scores"]
+        note(f"the {len(members)} averaged models' scores: " + " ".join(f"{s:.2f}" for s in members))
+    note(head_description(r), style="dim")
     if r.demonstration:
-        out.print(f"  [yellow]Note: {r.demonstration}[/yellow]", highlight=False)
+        note(f"Note: {r.demonstration}", style="yellow")
     for w in r.warnings:
-        out.print(f"  [yellow]warning[/yellow] {w}", highlight=False)
+        note(f"warning: {w}", style="yellow")
 
 
 def render_trust(r) -> None:  # noqa: ANN001 - a VideoScore
@@ -163,10 +155,10 @@ def render_trust(r) -> None:  # noqa: ANN001 - a VideoScore
     for q in (*r.parts, r):
         name = q.target if r.parts else "Total"
         rank = rank_phrase(q)
-        out.print(f"[bold]{name}: {format_total(q)}[/bold]" + (f" · {rank}" if rank else ""), highlight=False)
+        note(f"{name}: {format_total(q)}" + (f" · {rank}" if rank else ""), style="bold", indent=0)
     for kind, line in trust_lines(r):
         style = {"warning": "bold red", "note": "yellow"}.get(kind)
-        out.print(f"  {'⚠ ' if kind == 'warning' else ''}{line[0].upper() + line[1:]}.", highlight=False, style=style)
+        note(f"{'⚠ ' if kind == 'warning' else ''}{line[0].upper() + line[1:]}.", style=style)
 
 
 def render_agreement(agreement: dict) -> None:
@@ -190,23 +182,57 @@ def render_agreement(agreement: dict) -> None:
                   highlight=False)
 
 
-def render_batch(results) -> None:  # noqa: ANN001 - list[VideoScore]
-    from aqa_cli.report import format_range, format_total, largest_effects
+def distinct_names(paths: list[str]) -> dict[str, str]:
+    """Each path's shortest trailing part that no other path ends with: the basename, unless two share it (then
+    ``a/x.mp4`` and ``b/x.mp4``)."""
+    parts = {p: Path(p).parts or (p,) for p in dict.fromkeys(paths)}
+    names = {}
+    for p, own in parts.items():
+        for k in range(1, len(own) + 1):
+            tail = own[-k:]
+            if not any(q != p and other[-k:] == tail for q, other in parts.items()):
+                break
+        names[p] = str(Path(*tail))
+    return names
 
-    table = Table(title="summary", title_justify="left")
-    for col in ("input", "head", "score", "moves the score most", "faithfulness", "domain", "status"):
-        table.add_column(col)
+
+def render_batch(results) -> None:  # noqa: ANN001 - list[VideoScore]
+    """One row per input (and head): the score, the clip that moves it most, whether the video is like the head's
+    training videos, and whether it failed (the reason is in the list of failures printed after it)."""
+    from aqa_cli.report import format_range, format_total, material_effects, time_decimals
+
+    names = distinct_names([str(r.input) for r in results])
+    heads = list(dict.fromkeys(r.head_label for r in results if r.head_label))
+    several_heads = len(heads) > 1
+    title = "summary" + (f" ({heads[0]})" if len(heads) == 1 else "")
+    table = Table(title=title, title_justify="left")
+    table.add_column("input", overflow="fold")
+    if several_heads:
+        table.add_column("head", overflow="fold")
+    table.add_column("score")
+    table.add_column("clip that moves it most", overflow="fold")
+    table.add_column("faithful", justify="right")
+    table.add_column("domain")
+    table.add_column("status")
     for r in results:
-        top = largest_effects(r.clips, 1) if r.ok else []
-        moves = f"clip {top[0].index} ({format_range(top[0])}, {top[0].effect:+.2f})" if top else "–"
+        top = material_effects(r, 1) if r.ok else []
+        if top:
+            moves = f"{top[0].index}: {format_range(top[0], time_decimals(r.clips))}, {top[0].effect:+.2f}"
+        else:
+            moves = "none stands out" if r.ok else "–"
         faith = f"{r.faithfulness:.2f}" if r.ok and r.faithfulness is not None else "–"
         domain = "–" if not r.ok or not r.domain else (
-            f"like training (p {r.domain['p_value']:.2f})" if r.domain["in_domain"]
-            else f"[bold red]UNLIKE training[/bold red] (p {r.domain['p_value']:.3f})")
-        label = f"{r.target}: " if r.target and r.ok else ""
-        table.add_row(str(r.input), r.head_label, label + format_total(r) if r.ok else "–", moves, faith, domain,
-                      "[green]ok[/green]" if r.ok else f"[red]failed[/red]: {r.error}")
+            "like training" if r.domain["in_domain"] else f"[bold red]UNLIKE[/bold red] (p {r.domain['p_value']:.3f})")
+        label = f"{r.target} " if r.target and r.ok else ""
+        score = label + format_total(r).replace(f" {r.scale.get('unit', 'points')}", "", 1) if r.ok else "–"
+        row = [names[str(r.input)], *([r.head_label] if several_heads else []), score, moves, faith, domain,
+               "[green]ok[/green]" if r.ok else "[red]failed[/red]"]
+        table.add_row(*row)
     out.print(table)
+    scored = [r for r in results if r.ok]
+    if scored:
+        note(f"score in {scored[0].scale.get('unit', 'points')}; clip: its number, time and effect (the score minus "
+             f"the score without it); faithful: 1 when the head's weights rank the clips as their effects do.")
 
 
 def json_field(meta: dict, key: str) -> dict:
@@ -216,6 +242,32 @@ def json_field(meta: dict, key: str) -> dict:
         return _json.loads(meta.get(key, "{}")) or {}
     except ValueError:
         return {}
+
+
+class StepProgress:
+    """A progress line on stderr for a run of named steps, some counted (``update(what, done, total)``); a log file
+    (stderr not a terminal) gets one line per step instead of a live bar."""
+
+    def __init__(self) -> None:
+        from rich.progress import MofNCompleteColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=err, transient=True)
+        self.task = self.bar.add_task("", total=None)
+        self.last = ""
+
+    def update(self, what: str, done: int, total: int | None) -> None:
+        if not err.is_terminal and what != self.last:
+            err.print(f"[dim]{what}…[/dim]", highlight=False)
+        self.last = what
+        self.bar.update(self.task, description=what, completed=done, total=total)
+
+    def __enter__(self) -> StepProgress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
 
 
 class DownloadBar:
@@ -263,24 +315,41 @@ def report_installed(name: str, target: Path) -> None:
 
 
 def render_weights_list() -> None:
-    """Known checkpoints, where each comes from, its pinned sha256, and whether it is cached."""
+    """Known checkpoints, where each comes from, its pinned sha256, and whether it is cached.
+
+    One block per checkpoint, one fact per line, so that nothing is cut mid-word at 80 columns: a full sha256 takes
+    75 of them; an address longer than the terminal is printed whole on its own line, to be copied."""
     from aqa_cli.fileio import sha256_file
     from aqa_cli.heads.checkpoint import shipped_heads
     from aqa_cli.weights import cached_path, is_cached, list_specs
 
-    t = Table()
-    for col in ("name", "kind", "source", "pinned (source file)", "cached"):
-        t.add_column(col, overflow="fold")
+    def field(label: str, value: str) -> None:
+        if 4 + len(label) + 1 + len(value) <= out.width or " " in value:
+            note(f"{label} {value}", indent=4)
+        else:  # an address or path with no space to break at: whole, on a line of its own, indented if it fits
+            note(label, indent=4)
+            out.print(" " * (6 if 6 + len(value) <= out.width else 0) + value, soft_wrap=True, highlight=False)
+
+    out.print("[bold]backbone weights[/bold] (fetched on first use; `aqa weights fetch NAME`)")
     for s in list_specs():
-        t.add_row(s.name, s.kind, s.source, s.describe_pin(), str(cached_path(s.name)) if is_cached(s.name) else "no")
+        cached = is_cached(s.name)
+        out.print(f"  [bold]{s.name}[/bold] · {s.kind} · {'cached' if cached else 'not cached'}", highlight=False)
+        field("from", s.source)
+        pin = s.describe_pin()
+        field("sha256" if s.pin_kind == "sha256" else "pin", pin)
+        if cached:
+            field("file", str(cached_path(s.name)))
+    out.print("[bold]scoring heads[/bold] (shipped in weights/)")
     for h in shipped_heads():
         cv = json_field(h.metadata, "cv")
         what = f"{h.head} head, {h.metadata.get('preset') or h.target}" + (
             f", {cv['folds']}-fold CV ρ {cv['mean_spearman']:.3f}" if cv else "")
         faith, where = h.faithfulness
         what += f", faithfulness {faith:.2f} ({where})" if faith is not None else ", faithfulness not measured"
-        t.add_row(h.path.stem, "head", f"{what} (shipped in weights/)", f"sha256 {sha256_file(h.path)}", str(h.path))
-    out.print(t)
+        out.print(f"  [bold]{h.path.stem}[/bold]", highlight=False)
+        note(what, indent=4)
+        field("sha256", sha256_file(h.path))
+        field("file", str(h.path))
 
 
 def render_extraction(outcomes, out_dir: Path, *, show_pred: bool, bb, weights: str | None) -> None:  # noqa: ANN001

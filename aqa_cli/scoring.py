@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from aqa_cli.extract import load_features, make_sidecar, read_sidecar, video_fea
 from aqa_cli.fileio import sha256_file
 from aqa_cli.heads import HeadOutput, list_heads
 from aqa_cli.heads.checkpoint import LoadedHead, load_head, shipped_dir
+from aqa_cli.inputs import FEATURE_SUFFIX
 from aqa_cli.metrics import faithfulness, predicted_effects
 from aqa_cli.presets import Preset, list_presets, load_preset
 from aqa_cli.validation import check_score_in_scale
@@ -49,7 +50,6 @@ from aqa_cli.validation import check_score_in_scale
 # The skater's whole result (TES, PCS and their total, fisv.toml) is what a user of figure-skating videos wants
 # from one run; its heads read the same Video Swin features, so the second head costs no second backbone pass.
 DEFAULT_PRESET = "fisv"
-FEATURE_SUFFIX = ".npy"
 # Faithfulness (Spearman ρ between the effects w·s predicts and the measured ones) from which a head's own
 # weights and scores are presented as the reason for its score.
 FAITHFUL_RHO = 0.5
@@ -144,13 +144,16 @@ class VideoScore:
 
     def to_dict(self) -> dict[str, Any]:
         """The ``--json`` object. Σ clips' weight·score + Σ additive == score."""
+        # "head" names the checkpoint, as the CSV and the tables do, for ok and failed rows alike.
         d: dict[str, Any] = {"video": str(self.input), "status": self.status}
         if not self.ok:
-            d.update(error=self.error, preset=self.preset or None, head=self.head_label or None)
+            d.update(error=self.error, preset=self.preset or None, head=self.head_label or None,
+                     head_family=self.head or None)
             return d
         d.update({
             "preset": self.preset or None,
-            "head": self.head,
+            "head": self.head_label,
+            "head_family": self.head,
             "weights": str(self.head_path) if self.head_path else None,
             "backbone": self.backbone,
             "score": self.score,
@@ -175,35 +178,6 @@ class VideoScore:
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-
-
-def find_inputs(inputs: Iterable[str | Path], *, exclude: Iterable[str | Path] = ()) -> list[Path]:
-    """Expand files and folders (recursively) into a sorted, de-duplicated list of inputs.
-
-    Every file in a folder is an input, so that a stray non-video is reported rather than
-    silently skipped; hidden files (and our own temporaries) are not, and neither is a
-    ``.json`` beside a ``.npy`` of the same stem: it is that feature file's sidecar.
-    ``exclude`` names files never to take (the command's own outputs).
-    """
-    excluded = {Path(p).resolve() for p in exclude}
-    found: list[Path] = []
-    seen: set[Path] = set()
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            candidates = sorted(
-                q for q in p.rglob("*")
-                if q.is_file() and not any(part.startswith(".") for part in q.relative_to(p).parts)
-                and not (q.suffix.lower() == ".json" and q.with_suffix(FEATURE_SUFFIX).is_file())
-            )
-        else:
-            candidates = [p]
-        for q in candidates:
-            key = q.resolve()
-            if key not in seen and key not in excluded:
-                seen.add(key)
-                found.append(q)
-    return found
 
 
 @dataclass

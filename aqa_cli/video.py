@@ -12,7 +12,8 @@ nothing here ever holds more than ``chunk_size`` full-resolution frames.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,10 +21,6 @@ import numpy as np
 
 from aqa_cli.errors import VideoError
 
-VIDEO_EXTENSIONS = (
-    ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ts", ".mts",
-    ".gif", ".ogv",
-)
 _TRUNCATED_HINT = "the file looks truncated or corrupt; re-download or re-encode it (ffmpeg -i in.mp4 -c:v libx264 out.mp4)"
 
 try:  # decord is optional at run time: PyAV covers everything it does, more slowly.
@@ -180,9 +177,28 @@ class _PyAVReader(VideoReader):
 
 
 def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    # decord embeds multi-line C++ stack traces in its messages; keep the head.
-    return text.split(" Stack trace")[0][:160]
+    """The decoder's reason in plain words: ffmpeg's own message without its error number and the file's name
+    (the error line names the file already); decord's first line without its C++ stack trace."""
+    strerror = getattr(exc, "strerror", None)
+    if isinstance(strerror, str) and strerror:
+        text = strerror  # av.FFmpegError: "Invalid data found when processing input"
+    else:
+        text = " ".join(str(exc).split()).split(" Stack trace")[0]
+        text = re.sub(r"\[Errno -?\d+\]|\[[\d:]+\] ?/\S+:\d+: ", "", text)  # error numbers, C++ source lines
+    text = " ".join(text.split()).strip(" :,.") or type(exc).__name__
+    return (text[0].lower() + text[1:])[:100]
+
+
+def _not_a_video(path: Path, exc: BaseException) -> VideoError:
+    """The error for a file ffmpeg cannot open: a known non-video type is named as such."""
+    from aqa_cli.inputs import VIDEO_EXTENSIONS
+
+    suffix = path.suffix.lower()
+    if suffix and suffix not in VIDEO_EXTENSIONS:
+        return VideoError(f"not a readable video (a {suffix} file)", path=path,
+                          fix="pass a video file; folders are searched for videos by extension")
+    return VideoError(f"not a readable video ({_short(exc)})", path=path,
+                      fix="check that it is a video file and not truncated")
 
 
 def _check_file(path: Path) -> None:
@@ -201,9 +217,7 @@ def _probe_pyav(path: Path) -> tuple[dict, np.ndarray]:
     try:
         container = av.open(str(path))
     except (av.FFmpegError, UnicodeDecodeError) as exc:
-        raise VideoError(
-            f"not a readable video ({_short(exc)})", path=path, fix="check that it is a video file and not truncated"
-        ) from None
+        raise _not_a_video(path, exc) from None
     with container:
         if not container.streams.video:
             raise VideoError("has no video stream", path=path, fix="pass a file with a video track")
@@ -327,25 +341,3 @@ def _count_frames_pyav(path: Path) -> int:
     except av.FFmpegError:
         pass
     return n
-
-
-def find_videos(inputs: Iterable[str | Path]) -> list[Path]:
-    """Expand files and folders (recursively, by video extension) into a sorted, de-duplicated list.
-
-    Files named explicitly are kept whatever their extension, so that a bad
-    file passed on purpose is reported instead of silently ignored.
-    """
-    found: list[Path] = []
-    seen: set[Path] = set()
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            candidates = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in VIDEO_EXTENSIONS)
-        else:
-            candidates = [p]
-        for q in candidates:
-            key = q.resolve()
-            if key not in seen:
-                seen.add(key)
-                found.append(q)
-    return found

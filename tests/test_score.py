@@ -24,8 +24,9 @@ from aqa_cli.fileio import sha256_file, write_json, write_npy
 from aqa_cli.heads import create_head
 from aqa_cli.heads.checkpoint import load_head, save_head
 from aqa_cli.presets import load_preset
-from aqa_cli.report import TOP_COLOUR, WEIGHT_COLOUR, render_report, write_report
-from aqa_cli.scoring import Scorer, choose_heads, find_inputs
+from aqa_cli.report import TOP_COLOUR, WEIGHT_COLOUR, material_effects, render_report, write_report
+from aqa_cli.inputs import find_inputs
+from aqa_cli.scoring import Scorer, choose_heads
 from aqa_cli.synthetic import index_frames, moving_scene, write_video
 from conftest import REPO, approx_across_instances, run_aqa
 
@@ -172,8 +173,8 @@ def test_a_demonstration_model_says_so_and_sidecarless_features_need_a_backbone(
     assert res.returncode == 0, res.stderr
     text = " ".join(res.stdout.split())
     assert "Note: demo head, trained on synthetic routines" in text
-    assert "preset none · head gdlt (demo.safetensors)" in text and "features from file" in text
-    assert "00:06–00:08" in text  # clip 5 of the recipe's 1.28 s clips
+    assert "head demo (gdlt) · preset none" in text and "features from a feature file" in text
+    assert "0:06.4–0:07.7" in text  # clip 5 of the recipe's 1.28 s clips
     obj = json.loads(run_aqa("score", tmp_path / "bare.npy", "--weights", demo, "--backbone", "i3d", "--json").stdout)
     assert obj["demonstration"] == "demo head, trained on synthetic routines" and obj["preset"] is None
     assert len(obj["clips"]) == 6 and obj["warnings"] and "no sidecar" in obj["warnings"][0]
@@ -203,8 +204,9 @@ def test_folders_are_taken_recursively_with_sidecars_and_hidden_files_left_out(t
     (tmp_path / "sub").mkdir()
     for name in ("a.mp4", "notes.txt", "sub/f.npy", "sub/f.json", "sub/other.json", ".hidden.mp4", "out.csv"):
         (tmp_path / name).write_bytes(b"x")
-    found = find_inputs([tmp_path], exclude=[tmp_path / "out.csv"])
-    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a.mp4", "notes.txt", "sub/f.npy", "sub/other.json"]
+    found = find_inputs([tmp_path], features=True, exclude=[tmp_path / "out.csv"])
+    assert [p.relative_to(tmp_path).as_posix() for p in found.paths] == ["a.mp4", "sub/f.npy"]
+    assert [p.relative_to(tmp_path).as_posix() for p in found.skipped] == ["notes.txt", "sub/other.json"]
 
 
 # ------------------------------------------------------------------------------------------ the real I3D backbone
@@ -217,16 +219,16 @@ def test_score_the_sample_end_to_end(env, i3d, tmp_path):
                   "--plot", out / "timeline.png", env=env)
     assert res.returncode == 0, res.stderr
     text = " ".join(res.stdout.split())
-    assert "fisv-pcs-interp" in text and "backbone i3d" in text and "CV ρ 0.700" in text
+    assert "fisv-pcs-interp" in text and "backbone i3d" in text and "reference scores at ρ 0.70" in text
     assert "/ 40 points" in text and "Total:" in text
-    for row in ("00:00–00:01", "00:01–00:03", "00:05–00:06"):
+    for row in ("0:00.0–0:01.3", "0:01.3–0:02.6", "0:05.1–0:06.4"):
         assert row in text
-    assert "◆ top effect" in text and "effect = score − the same head's score without that clip" in text
+    assert "◆ " in text and "effect = the score minus the same head's score without that clip" in text
     # The head's own reasons are shown as reasons only where its explanation is faithful for this video.
     if "are faithful here" in text:
-        assert "★ heaviest" in text and "▼ lowest score" in text
+        assert "★ the heaviest weight" in text and "▼ the lowest clip score" in text
     else:
-        assert "do NOT say what each clip does" in text and "★ heaviest" not in text
+        assert "do NOT say what each clip does" in text and "★" not in text
     assert "Traceback" not in res.stderr
 
     scores = pd.read_csv(out / "scores.csv")
@@ -264,7 +266,8 @@ def test_all_heads_agree_or_not_and_every_head_sums_back(env, i3d):
     res = run_aqa("score", SAMPLE, "--all-heads", "--json", env=env)
     assert res.returncode == 0, res.stderr
     objs = json.loads(res.stdout)
-    assert [o["head"] for o in objs] == ["interp", "gdlt", "cofinal"]
+    assert [o["head_family"] for o in objs] == ["interp", "gdlt", "cofinal"]
+    assert [o["head"] for o in objs] == ["fisv-pcs-interp", "fisv-pcs-gdlt", "fisv-pcs-cofinal"]
     for o in objs:
         assert_sums_back(o)
     cofinal = objs[2]
@@ -316,17 +319,18 @@ def test_a_folder_with_bad_files_gives_error_rows_and_a_nonzero_exit(env, i3d, s
     whole = write_video(tmp_path / "whole.mp4", moving_scene(90, 120, 160, seed=5), 25).read_bytes()
     (folder / "corrupt.mp4").write_bytes(whole[: len(whole) // 3])
     (folder / "notes.txt").write_text("not a video\n")
+    (folder / "notes.mp4").write_text("not a video either\n")
     res = run_aqa("score", folder, "--csv", tmp_path / "scores.csv", "--clips-csv", tmp_path / "clips.csv", env=env)
     assert res.returncode == 1
     assert "Traceback" not in res.stdout + res.stderr
-    assert "2 of 3 input(s) failed" in res.stderr
+    assert "2 of 3 input(s) failed" in res.stderr and "skipped 1 file that is not a video (.txt)" in res.stderr
     rows = pd.read_csv(tmp_path / "scores.csv").set_index("path")
     assert len(rows) == 3
-    good, corrupt, notes = (rows.loc[str(folder / n)] for n in ("good.mp4", "corrupt.mp4", "notes.txt"))
+    good, corrupt, notes = (rows.loc[str(folder / n)] for n in ("good.mp4", "corrupt.mp4", "notes.mp4"))
     assert good.status == "ok" and np.isfinite(good.score) and pd.isna(good.error)
     assert corrupt.status == "failed" and pd.isna(corrupt.score)
     assert "corrupt.mp4: not a readable video" in corrupt.error
-    assert notes.status == "failed" and "notes.txt: not a readable video" in notes.error
+    assert notes.status == "failed" and "notes.mp4: not a readable video" in notes.error
     assert set(pd.read_csv(tmp_path / "clips.csv").path) == {str(folder / "good.mp4")}
 
 
@@ -431,11 +435,13 @@ def test_the_html_report_renders_in_a_real_browser(env, i3d, tmp_path):
     dom = _browse(browser, page, "--dump-dom")
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert "<title>aqa score report: moving_disc.mp4</title>" in dom.stdout
-    assert "aqa score report: moving_disc.mp4</h1>" in dom.stdout
+    assert "<h1>moving_disc.mp4</h1>" in dom.stdout
     timeline = [tag for tag in dom.stdout.split("<img")[1:] if 'class="timeline"' in tag]
     assert len(timeline) == 1 and 'data-rendered="yes"' in timeline[0]
+    # Frames of the clips whose effect is material (none, on some heads: the page then says so).
     thumbs = [tag for tag in dom.stdout.split("<img")[1:] if 'class="thumb"' in tag]
-    assert len(thumbs) == 5 and all('data-rendered="yes"' in t for t in thumbs)
+    assert len(thumbs) == len(material_effects(results[0])) and all('data-rendered="yes"' in t for t in thumbs)
+    assert thumbs or "No single clip stands out" in dom.stdout
 
     shot = tmp_path / "shot.png"
     res = _browse(browser, page, f"--screenshot={shot}", "--window-size=1200,1600")

@@ -7,7 +7,8 @@ import pytest
 
 from aqa_cli.errors import VideoError
 from aqa_cli.synthetic import index_frame, index_frames, read_index, write_video
-from aqa_cli.video import find_videos, open_video
+from aqa_cli.inputs import find_inputs
+from aqa_cli.video import open_video
 
 
 def decode_all(path, decoder):
@@ -93,8 +94,8 @@ def test_find_videos_recurses_by_extension_and_keeps_explicit_files(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     for name in ("a/x.mp4", "a/b/y.MKV", "a/readme.txt"):
         (tmp_path / name).write_bytes(b"0")
-    found = find_videos([tmp_path / "a", tmp_path / "a" / "readme.txt", tmp_path / "a" / "x.mp4"])
-    assert [p.name for p in found] == ["y.MKV", "x.mp4", "readme.txt"]
+    found = find_inputs([tmp_path / "a", tmp_path / "a" / "readme.txt", tmp_path / "a" / "x.mp4"], features=False)
+    assert [p.name for p in found.paths] == ["y.MKV", "x.mp4", "readme.txt"] and found.skipped == []
 
 
 def test_pyav_serves_everything_when_decord_is_missing(tmp_path, monkeypatch):
