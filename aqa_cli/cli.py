@@ -31,6 +31,11 @@ app = typer.Typer(
 weights_app = typer.Typer(help="The weights registry: list, fetch, import and verify checkpoints.", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
 
+
+@weights_app.callback()
+def _weights_registry() -> None:
+    import aqa_cli.backbones  # noqa: F401 - the backbone families register their weights when imported
+
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda (auto picks the GPU when there is one).")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (bf16 where the device computes it natively and "
                                                                "the backbone's bf16 drift is within bounds, else "
@@ -41,6 +46,8 @@ PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (bf16 where
 @app.command()
 def info() -> None:
     """Versions, devices, video decoders and cached weights."""
+    import aqa_cli.backbones  # noqa: F401 - the backbone families register their weights when imported
+
     render.render_info()
 
 

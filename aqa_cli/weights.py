@@ -137,22 +137,33 @@ def weights_dir() -> Path:
     return aqa_home() / "weights"
 
 
-def _specs() -> dict[str, WeightsSpec]:
-    # Imported lazily: the backbone modules pull in their model code.
-    from aqa_cli.backbones import weights_specs
+# The registry. weights.py knows no backbone: each backbone family registers the checkpoints it can convert
+# (``register_weights`` at the end of its module), and ``aqa_cli.backbones`` imports its families, so the arrow
+# points one way, from the backbones to this module.
+_REGISTRY: dict[str, WeightsSpec] = {}
 
-    return weights_specs()
+
+def register_weights(*specs: WeightsSpec) -> None:
+    """Add checkpoints to the registry (a backbone module, for the weights its converters read)."""
+    for spec in specs:
+        if spec.name in _REGISTRY and _REGISTRY[spec.name] is not spec:
+            raise ValueError(f"weights {spec.name!r} are registered twice")
+        _REGISTRY[spec.name] = spec
+
+
+def registered_weights() -> dict[str, WeightsSpec]:
+    """The registry itself, name → spec (the backbone families' entries once ``aqa_cli.backbones`` is imported)."""
+    return _REGISTRY
 
 
 def get_spec(name: str) -> WeightsSpec:
-    specs = _specs()
-    if name not in specs:
-        raise WeightsError(f"unknown weights {name!r}", fix=f"known: {', '.join(sorted(specs))}")
-    return specs[name]
+    if name not in _REGISTRY:
+        raise WeightsError(f"unknown weights {name!r}", fix=f"known: {', '.join(sorted(_REGISTRY)) or 'none'}")
+    return _REGISTRY[name]
 
 
 def list_specs() -> list[WeightsSpec]:
-    return sorted(_specs().values(), key=lambda s: s.name)
+    return sorted(_REGISTRY.values(), key=lambda s: s.name)
 
 
 def cached_path(name: str) -> Path:
