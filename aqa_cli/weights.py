@@ -38,6 +38,7 @@ import tarfile
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -504,14 +505,16 @@ def fetch(name: str, *, force: bool = False, log: Callable[[str], None] | None =
         if os.environ.get("AQA_OFFLINE"):
             raise WeightsError(f"weights {name!r} are not in the cache and AQA_OFFLINE is set", fix=_missing_fix(spec))
         target = weights_dir() / "downloads" / Path(spec.url).name
-        log(f"downloading {spec.url}" + (f" ({spec.source_size / 2**20:.0f} MiB)" if spec.source_size else "") + " …")
+        host = urllib.parse.urlsplit(spec.url).netloc
+        log(f"downloading {name} from {host}" + (f" ({spec.source_size / 2**20:.0f} MiB)" if spec.source_size else "")
+            + " …")
         try:
             download(spec.url, target, expected_size=spec.source_size, progress=progress or _text_progress(log))
         except WeightsError as exc:
             part = target.with_name(target.name + ".part")
             kept = part.stat().st_size if part.is_file() else 0
             again = f"run `aqa weights fetch {name}` again to resume ({kept / 2**20:.0f} MiB kept), or " if kept else ""
-            raise WeightsError(f"could not download {spec.url} ({exc.reason})",
+            raise WeightsError(f"could not download weights {name!r} ({exc.reason})",
                                fix=again + _missing_fix(spec)) from None
         fetched_labels = labels is None and spec.labels_url is not None
         if fetched_labels:

@@ -446,7 +446,8 @@ def test_unreachable_url_fails_in_one_line(registry, monkeypatch):
     with pytest.raises(WeightsError) as exc:
         fetch("vst-test", log=lambda m: None)
     msg = exc.value.message
-    assert f"could not download {url}" in msg and "`aqa weights import FILE --name vst-test`" in msg
+    assert "could not download weights 'vst-test'" in msg and "`aqa weights import FILE --name vst-test`" in msg
+    assert msg.count(url) == 1  # the address to download by hand, said once
 
 
 class _RangeHandler(http.server.BaseHTTPRequestHandler):
