@@ -159,7 +159,8 @@ def registered_weights() -> dict[str, WeightsSpec]:
 
 def get_spec(name: str) -> WeightsSpec:
     if name not in _REGISTRY:
-        raise WeightsError(f"unknown weights {name!r}", fix=f"known: {', '.join(sorted(_REGISTRY)) or 'none'}")
+        raise WeightsError(f"unknown weights {name!r}", fix=f"known: {', '.join(sorted(_REGISTRY))}" if _REGISTRY else
+                           "none is registered yet: `import aqa_cli.backbones` registers the backbones' weights")
     return _REGISTRY[name]
 
 

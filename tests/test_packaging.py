@@ -9,6 +9,7 @@ the wheel (a .pth path entry does not run the editable install's finder).
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -49,6 +50,14 @@ def test_every_package_of_the_source_tree_is_listed_for_the_wheel():
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     in_tree = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "aqa_cli").rglob("__init__.py")}
     assert in_tree - listed == set(), "add these packages to [tool.setuptools] packages in pyproject.toml"
+
+
+def test_the_weights_registry_imports_no_backbone():
+    # The backbone families register their weights in aqa_cli.weights; the arrow points one way only.
+    tree = ast.parse((REPO / "aqa_cli" / "weights.py").read_text(encoding="utf-8"))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not {m for m in imported if m and m.startswith("aqa_cli.backbones")}
 
 
 def test_the_wheel_carries_code_presets_and_every_shipped_head(wheel):
