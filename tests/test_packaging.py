@@ -89,4 +89,4 @@ def test_the_installed_wheel_scores_the_demo_outside_the_checkout(wheel, tmp_pat
     res = _run([str(venv / "bin" / "aqa"), "score", SAMPLE.name, "--preset", "demo"], cwd=elsewhere, env=env)
     assert "/ 10" in res.stdout and "demo" in res.stdout
     version = _run([str(venv / "bin" / "aqa"), "--version"], cwd=elsewhere, env=env)
-    assert version.stdout.strip().startswith("aqa ")
+    assert version.stdout.strip() == f"aqa {wheel.name.split('-')[1]}"  # the wheel's own version
