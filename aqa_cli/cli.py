@@ -29,8 +29,31 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from aqa_cli import __version__
+
+        out.print(f"aqa {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Action Quality Assessment for sports video: features, scores, and the clips behind them."""
+
+
 weights_app = typer.Typer(help="The weights registry: list, fetch, import and verify checkpoints.", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
+
+
+@weights_app.callback()
+def _weights_registry() -> None:
+    import aqa_cli.backbones  # noqa: F401 - the backbone families register their weights when imported
 
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda (auto picks the GPU when there is one).")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (bf16 where the device computes it natively and "
@@ -42,6 +65,8 @@ PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (bf16 where
 @app.command()
 def info() -> None:
     """Versions, devices, video decoders and cached weights."""
+    import aqa_cli.backbones  # noqa: F401 - the backbone families register their weights when imported
+
     render.render_info()
 
 
@@ -202,8 +227,8 @@ def score(
     preset: Annotated[Optional[str], typer.Option(help="Dataset preset: the target and its scale "
                                                        "(default fisv: TES, PCS and their total; or the --weights "
                                                        "checkpoint's).")] = None,
-    head: Annotated[Optional[str], typer.Option(help="gdlt, cofinal, interp or mtl (default: the preset's shipped head "
-                                                     "with the best cross-validated ρ).")] = None,
+    head: Annotated[Optional[str], typer.Option(help="gdlt, cofinal, interp, additive, mtl or pose (default: the "
+                                                     "preset's default shipped head, `aqa weights list`).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="A head checkpoint (.safetensors) instead of a shipped "
                                                          "one.")] = None,
     backbone: Annotated[Optional[str], typer.Option(help="Feature extractor (default: the one in the head's "
@@ -426,8 +451,9 @@ def train(
     features: Annotated[Path, typer.Option(help="Folder of <id>.npy clip features.")],
     labels: Annotated[Path, typer.Option(help="Labels: CSV with a header, JSON records, GDLT text (id TES PCS ded) or RG tab-separated.")],
     target: Annotated[str, typer.Option(help="The label column to learn, e.g. TES or PCS.")],
-    head: Annotated[str, typer.Option(help="gdlt, cofinal, interp or mtl (which also learns the label file's "
-                                           "action and caption columns).")],
+    head: Annotated[str, typer.Option(help="gdlt, cofinal, interp, additive (clip-additive: faithful by "
+                                           "construction), mtl (also learns the label file's action and caption "
+                                           "columns) or pose (pose features, exemplars).")],
     out_path: Annotated[Path, typer.Option("--out", help="Checkpoint to write (.safetensors); the log goes beside it (.log.json).")],
     preset: Annotated[Optional[str], typer.Option(help="Dataset preset (scale, crop, the paper's settings), e.g. fisv-tes.")] = None,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Override the preset's epochs.")] = None,
@@ -514,8 +540,7 @@ def evaluate(
                                                      "--weights B.")],
     more_weights: Annotated[Optional[list[Path]], typer.Argument(
         metavar="FILE", show_default=False,
-        help="The checkpoints after the first in `--weights A B C` (an option takes one value; the rest arrive "
-             "here).")] = None,
+        help="More head checkpoints to evaluate, e.g. B and C in `--weights A B C`.")] = None,
     target: Annotated[Optional[list[str]], typer.Option(help="Label column(s): one for all, one per checkpoint, or none for each checkpoint's own.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (a list for several).")] = False,
     explanations: Annotated[bool, typer.Option(help="Also measure how faithful each head's per-clip explanations "

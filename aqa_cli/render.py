@@ -314,6 +314,12 @@ def report_installed(name: str, target: Path) -> None:
                   f"`aqa weights labels {name} FILE`", highlight=False)
 
 
+def cv_folds(cv: dict) -> str:
+    """"5-fold", or "3 × 5-fold" for a cross-validation repeated over several fold draws."""
+    repeats = int(cv.get("repeats", 1))
+    return f"{repeats} × {cv['folds']}-fold" if repeats > 1 else f"{cv['folds']}-fold"
+
+
 def render_weights_list() -> None:
     """Known checkpoints, where each comes from, its pinned sha256, and whether it is cached.
 
@@ -343,7 +349,7 @@ def render_weights_list() -> None:
     for h in shipped_heads():
         cv = json_field(h.metadata, "cv")
         what = f"{h.head} head, {h.metadata.get('preset') or h.target}" + (
-            f", {cv['folds']}-fold CV ρ {cv['mean_spearman']:.3f}" if cv else "")
+            f", {cv_folds(cv)} CV ρ {cv['mean_spearman']:.3f}" if cv else "")
         faith, where = h.faithfulness
         what += f", faithfulness {faith:.2f} ({where})" if faith is not None else ", faithfulness not measured"
         out.print(f"  [bold]{h.path.stem}[/bold]", highlight=False)

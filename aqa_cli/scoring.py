@@ -489,9 +489,23 @@ class Scorer:
     def _backbone(self, name: str) -> Backbone:
         if name not in self._backbones:
             self.events.backbone_loading(name)
-            self._backbones[name] = self._factory(name)
+            try:
+                self._backbones[name] = self._factory(name)
+            except WeightsError as exc:
+                raise self._weights_error_in_context(exc, name) from None
             self.stats["backbones_built"] += 1
         return self._backbones[name]
+
+    def _weights_error_in_context(self, exc: WeightsError, backbone: str) -> WeightsError:
+        """The backbone's weights error, saying which preset and head need them, and what scores without them."""
+        heads = sorted({h.head for h in self.heads if h.required_features()["backbone"] == backbone})
+        preset = self.choice.preset_name
+        who = f"preset {preset} (head {', '.join(heads)}, backbone {backbone})" if preset else f"backbone {backbone}"
+        fix = exc.fix
+        if preset != "demo" and backbone != "i3d":
+            fix = f"{fix}; or score the demo with `--preset demo`, which needs no such download" if fix else \
+                "score the demo with `--preset demo`, which needs no such download"
+        return WeightsError(f"{who}: {exc.reason}", path=exc.path, fix=fix)
 
     def _features(self, path: Path, kind: str, backbone: str, timings: dict[str, float]) -> ClipFeatures:
         t0 = time.perf_counter()

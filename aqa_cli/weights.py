@@ -38,6 +38,7 @@ import tarfile
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -138,22 +139,34 @@ def weights_dir() -> Path:
     return aqa_home() / "weights"
 
 
-def _specs() -> dict[str, WeightsSpec]:
-    # Imported lazily: the backbone modules pull in their model code.
-    from aqa_cli.backbones import weights_specs
+# The registry. weights.py knows no backbone: each backbone family registers the checkpoints it can convert
+# (``register_weights`` at the end of its module), and ``aqa_cli.backbones`` imports its families, so the arrow
+# points one way, from the backbones to this module.
+_REGISTRY: dict[str, WeightsSpec] = {}
 
-    return weights_specs()
+
+def register_weights(*specs: WeightsSpec) -> None:
+    """Add checkpoints to the registry (a backbone module, for the weights its converters read)."""
+    for spec in specs:
+        if spec.name in _REGISTRY and _REGISTRY[spec.name] is not spec:
+            raise ValueError(f"weights {spec.name!r} are registered twice")
+        _REGISTRY[spec.name] = spec
+
+
+def registered_weights() -> dict[str, WeightsSpec]:
+    """The registry itself, name → spec (the backbone families' entries once ``aqa_cli.backbones`` is imported)."""
+    return _REGISTRY
 
 
 def get_spec(name: str) -> WeightsSpec:
-    specs = _specs()
-    if name not in specs:
-        raise WeightsError(f"unknown weights {name!r}", fix=f"known: {', '.join(sorted(specs))}")
-    return specs[name]
+    if name not in _REGISTRY:
+        raise WeightsError(f"unknown weights {name!r}", fix=f"known: {', '.join(sorted(_REGISTRY))}" if _REGISTRY else
+                           "none is registered yet: `import aqa_cli.backbones` registers the backbones' weights")
+    return _REGISTRY[name]
 
 
 def list_specs() -> list[WeightsSpec]:
-    return sorted(_specs().values(), key=lambda s: s.name)
+    return sorted(_REGISTRY.values(), key=lambda s: s.name)
 
 
 def cached_path(name: str) -> Path:
@@ -494,14 +507,16 @@ def fetch(name: str, *, force: bool = False, log: Callable[[str], None] | None =
         if os.environ.get("AQA_OFFLINE"):
             raise WeightsError(f"weights {name!r} are not in the cache and AQA_OFFLINE is set", fix=_missing_fix(spec))
         target = weights_dir() / "downloads" / Path(spec.url).name
-        log(f"downloading {spec.url}" + (f" ({spec.source_size / 2**20:.0f} MiB)" if spec.source_size else "") + " …")
+        host = urllib.parse.urlsplit(spec.url).netloc
+        log(f"downloading {name} from {host}" + (f" ({spec.source_size / 2**20:.0f} MiB)" if spec.source_size else "")
+            + " …")
         try:
             download(spec.url, target, expected_size=spec.source_size, progress=progress or _text_progress(log))
         except WeightsError as exc:
             part = target.with_name(target.name + ".part")
             kept = part.stat().st_size if part.is_file() else 0
             again = f"run `aqa weights fetch {name}` again to resume ({kept / 2**20:.0f} MiB kept), or " if kept else ""
-            raise WeightsError(f"could not download {spec.url} ({exc.reason})",
+            raise WeightsError(f"could not download weights {name!r} ({exc.reason})",
                                fix=again + _missing_fix(spec)) from None
         fetched_labels = labels is None and spec.labels_url is not None
         if fetched_labels:

@@ -158,9 +158,8 @@ def registry(monkeypatch, tmp_path):
     """A fresh AQA_HOME and a registry that also knows the small test weights and backbone."""
     monkeypatch.setenv("AQA_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("AQA_OFFLINE", raising=False)
-    specs, reg = backbones.weights_specs(), backbones._registry()
-    monkeypatch.setattr(backbones, "weights_specs", lambda: {**specs, "vst-test": TEST_WEIGHTS})
-    monkeypatch.setattr(backbones, "_registry", lambda: {**reg, "vst-test": TEST_BACKBONE})
+    monkeypatch.setitem(backbones.weights_specs(), "vst-test", TEST_WEIGHTS)
+    monkeypatch.setitem(backbones._registry(), "vst-test", TEST_BACKBONE)
     return tmp_path
 
 
@@ -443,12 +442,12 @@ def test_unreachable_url_fails_in_one_line(registry, monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/swin.pth"
-    specs = backbones.weights_specs()
-    monkeypatch.setattr(backbones, "weights_specs", lambda: {**specs, "vst-test": replace(TEST_WEIGHTS, url=url)})
+    monkeypatch.setitem(backbones.weights_specs(), "vst-test", replace(TEST_WEIGHTS, url=url))
     with pytest.raises(WeightsError) as exc:
         fetch("vst-test", log=lambda m: None)
     msg = exc.value.message
-    assert f"could not download {url}" in msg and "`aqa weights import FILE --name vst-test`" in msg
+    assert "could not download weights 'vst-test'" in msg and "`aqa weights import FILE --name vst-test`" in msg
+    assert msg.count(url) == 1  # the address to download by hand, said once
 
 
 class _RangeHandler(http.server.BaseHTTPRequestHandler):
@@ -484,8 +483,7 @@ def test_download_resumes_and_is_verified_before_conversion(registry, monkeypatc
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/official.pth"
         spec = replace(TEST_WEIGHTS, url=url, source_size=len(payload))
-        specs = backbones.weights_specs()
-        monkeypatch.setattr(backbones, "weights_specs", lambda: {**specs, "vst-test": spec})
+        monkeypatch.setitem(backbones.weights_specs(), "vst-test", spec)
         downloads = Path(os.environ["AQA_HOME"]) / "weights" / "downloads"
         downloads.mkdir(parents=True)
         (downloads / "official.pth.part").write_bytes(payload[:1000])  # an interrupted earlier download
@@ -502,8 +500,7 @@ def test_download_resumes_and_is_verified_before_conversion(registry, monkeypatc
 def test_wrong_size_download_is_refused_before_conversion(registry, monkeypatch):
     ckpt = save_mmcv(registry / "official.pth", random_official_state(SMALL))
     spec = replace(TEST_WEIGHTS, source_size=ckpt.stat().st_size + 1)
-    specs = backbones.weights_specs()
-    monkeypatch.setattr(backbones, "weights_specs", lambda: {**specs, "vst-test": spec})
+    monkeypatch.setitem(backbones.weights_specs(), "vst-test", spec)
     with pytest.raises(WeightsError, match="bytes but the official vst-test checkpoint is"):
         import_file("vst-test", ckpt, fmt="mmcv")
 

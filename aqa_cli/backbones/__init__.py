@@ -169,17 +169,28 @@ class Backbone:
         return feats, logits, None
 
 
-def _registry() -> dict[str, BackboneSpec]:
-    from aqa_cli.backbones import i3d, pose, ptv_zoo, vst
+# The registry: each family module registers its backbones (and, in aqa_cli.weights, the checkpoints it converts)
+# when it is imported; this package imports its families at the end of this file.
+_BACKBONES: dict[str, BackboneSpec] = {}
 
-    return {spec.name: spec for spec in (i3d.BACKBONE, vst.BACKBONE, pose.BACKBONE, *ptv_zoo.BACKBONES)}
+
+def register_backbones(*specs: BackboneSpec) -> None:
+    """Add backbones to the registry (called by each family module for its own)."""
+    for spec in specs:
+        if spec.name in _BACKBONES and _BACKBONES[spec.name] is not spec:
+            raise ValueError(f"backbone {spec.name!r} is registered twice")
+        _BACKBONES[spec.name] = spec
+
+
+def _registry() -> dict[str, BackboneSpec]:
+    return _BACKBONES
 
 
 def weights_specs() -> dict:
-    """Weights registry entries contributed by the backbone modules."""
-    from aqa_cli.backbones import i3d, ptv_zoo, vst
+    """The weights registry (name → spec), holding every family's entries: the same dict as aqa_cli.weights'."""
+    from aqa_cli.weights import registered_weights
 
-    return {spec.name: spec for spec in (i3d.WEIGHTS, *vst.WEIGHTS, *ptv_zoo.WEIGHTS)}
+    return registered_weights()
 
 
 def list_backbones() -> list[str]:
@@ -288,3 +299,7 @@ def create_backbone(name: str, *, device: str = "auto", precision: str = "fp32",
                                         "format": user.metadata.get("source_format")}
     return Backbone(spec, model, weights_sha256=loaded.sha256, class_names=classes, device=dev, precision=precision,
                     weights_source=source)
+
+
+# The families, last: each imports BackboneSpec from this package and registers itself.
+from aqa_cli.backbones import i3d, pose, ptv_zoo, vst  # noqa: E402,F401

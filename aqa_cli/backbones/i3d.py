@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aqa_cli.backbones import BackboneSpec
+from aqa_cli.backbones import BackboneSpec, register_backbones
 from aqa_cli.errors import WeightsError
 from aqa_cli.recipes import I3D_RECIPE
-from aqa_cli.weights import WeightsSpec
+from aqa_cli.weights import WeightsSpec, register_weights
 
 __all__ = [
     "I3DOutput",
@@ -534,3 +534,6 @@ BACKBONE = BackboneSpec(
     # 22 clips, top-1 unchanged on every clip, the demo score moved by 0.038 (bound 0.05).
     bf16_within_bounds=True,
 )
+
+register_backbones(BACKBONE)
+register_weights(WEIGHTS)

@@ -81,7 +81,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aqa_cli.backbones import Backbone, BackboneSpec
+from aqa_cli.backbones import Backbone, BackboneSpec, register_backbones
 from aqa_cli.errors import AqaError
 from aqa_cli.recipes import POSE_RECIPE
 
@@ -422,3 +422,5 @@ BACKBONE = BackboneSpec(
     feature_dim=FEATURE_DIM,
     factory=_create,
 )
+
+register_backbones(BACKBONE)

@@ -45,10 +45,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from aqa_cli.backbones import BackboneSpec
+from aqa_cli.backbones import BackboneSpec, register_backbones
 from aqa_cli.errors import AqaError, WeightsError
 from aqa_cli.recipes import Recipe
-from aqa_cli.weights import WeightsSpec, guess_architecture, load_torch_checkpoint, state_dict_of
+from aqa_cli.weights import WeightsSpec, guess_architecture, load_torch_checkpoint, register_weights, state_dict_of
 
 ZOO_ROOT = "https://dl.fbaipublicfiles.com/pytorchvideo/model_zoo/kinetics"
 # PySlowFast's Kinetics normalisation, used by every model of the zoo.
@@ -283,3 +283,6 @@ def _weights_spec(model: ZooModel) -> WeightsSpec:
 WEIGHTS = tuple(_weights_spec(m) for m in ZOO)
 BACKBONES = tuple(BackboneSpec(name=m.backbone, description=m.description, weights=m.weights, recipe=m.recipe,
                                feature_dim=m.feature_dim, build=_build(m)) for m in ZOO)
+
+register_backbones(*BACKBONES)
+register_weights(*WEIGHTS)

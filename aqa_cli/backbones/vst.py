@@ -46,10 +46,10 @@ from torch import nn
 from torchvision.models.video import SwinTransformer3d, swin3d_b
 from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d
 
-from aqa_cli.backbones import BackboneSpec
+from aqa_cli.backbones import BackboneSpec, register_backbones
 from aqa_cli.errors import WeightsError
 from aqa_cli.recipes import GDLT_RECIPE
-from aqa_cli.weights import WeightsSpec, guess_architecture, load_torch_checkpoint
+from aqa_cli.weights import WeightsSpec, guess_architecture, load_torch_checkpoint, register_weights
 
 __all__ = [
     "SwinConfig",
@@ -608,3 +608,6 @@ BACKBONE = BackboneSpec(
     # bench/bench_precision.py, random Swin-B weights, real bf16: per-clip cosine >= 0.99998 (bound 0.999).
     bf16_within_bounds=True,
 )
+
+register_backbones(BACKBONE)
+register_weights(*WEIGHTS)

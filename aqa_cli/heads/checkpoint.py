@@ -379,12 +379,25 @@ def import_official_head(path: str | Path, fmt: str, out: str | Path, *, score_m
 
 
 def shipped_dir() -> Path:
-    """The repository's ``weights/`` folder, where the trained heads ship.
+    """The folder the trained heads ship in: the checkout's ``weights/``, or the installed package ``aqa_weights``.
 
-    ``AQA_WEIGHTS_DIR`` points it elsewhere (tests and private deployments decide there what "shipped" means).
+    A source checkout (``pyproject.toml`` beside ``aqa_cli/``) reads its own ``weights/``, so a working tree never
+    scores with another tree's heads; an installed wheel reads the copy installed with it (pyproject.toml maps
+    ``weights/`` onto ``aqa_weights``). ``AQA_WEIGHTS_DIR`` points it elsewhere (tests and private deployments
+    decide there what "shipped" means).
     """
     override = os.environ.get("AQA_WEIGHTS_DIR")
-    return Path(override) if override else Path(__file__).resolve().parents[2] / "weights"
+    if override:
+        return Path(override)
+    root = Path(__file__).resolve().parents[2]
+    if (root / "pyproject.toml").is_file() and (root / "weights").is_dir():
+        return root / "weights"
+    import importlib.resources
+
+    try:
+        return Path(str(importlib.resources.files("aqa_weights")))
+    except ModuleNotFoundError:  # an install without its heads: the error that follows names this folder
+        return root / "weights"
 
 
 def shipped_heads() -> list[LoadedHead]:
