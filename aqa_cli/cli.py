@@ -247,8 +247,9 @@ def score(
     clips_csv: Annotated[Optional[Path], typer.Option("--clips-csv", help="Write one row per clip.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG timeline of clip weights and scores "
                                                       "(several videos: one file each, named after the video).")] = None,
-    report: Annotated[Optional[Path], typer.Option(help="Write one self-contained HTML page: totals, timelines and "
-                                                        "the heaviest clips' frames.")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="Write one self-contained HTML page: totals, timelines, "
+                                                        "the frames of the clips that change the score most, and a "
+                                                        "table of every clip.")] = None,
     all_heads: Annotated[bool, typer.Option("--all-heads", help="Score with every shipped head of the preset and "
                                                                 "show how far they agree.")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the feature cache "
