@@ -282,7 +282,7 @@ def read_calibration(metadata: dict[str, str]) -> Calibration | None:
 def rewrite_head_file(path: str | Path, metadata: dict[str, str], extra_tensors: dict[str, np.ndarray]) -> None:
     """Rewrite a safetensors file's metadata (merged over the old) and add or replace ``extra_tensors``, copying
     every other tensor's bytes unchanged: a re-calibration never touches the trained weights. Atomic."""
-    from aqa_cli.fileio import atomic_path
+    from aqa_cli.fileio import write_bytes
 
     path = Path(path)
     raw = path.read_bytes()
@@ -306,8 +306,7 @@ def rewrite_head_file(path: str | Path, metadata: dict[str, str], extra_tensors:
     head = {"__metadata__": {**old_meta, **{k: str(v) for k, v in metadata.items()}}, **entries}
     text = json.dumps(head, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # safetensors aligns the data to 8 bytes
-    with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(struct.pack("<Q", len(text)) + text + b"".join(chunks))
+    write_bytes(path, struct.pack("<Q", len(text)) + text + b"".join(chunks))
 
 
 def store_in_head(path: str | Path, calibration: Calibration | None, domain: DomainModel | None) -> None:

@@ -403,15 +403,21 @@ def render(routine: Routine) -> Iterator[np.ndarray]:
 
 def write_routine(routine: Routine, path: str | Path, *, crf: int = 23) -> Path:
     """Encode as H.264 (yuv420p) at 25 fps with PyAV; the file is written whole or not at all."""
-    from aqa_cli.fileio import atomic_path
+    import shutil
+    import tempfile
+
     from aqa_cli.synthetic import write_video
 
     path = Path(path)
-    with atomic_path(path) as tmp:
-        # The temporary keeps the .mp4 suffix so PyAV picks the container from it.
-        tmp_mp4 = tmp.with_name(tmp.name + ".mp4")
-        write_video(tmp_mp4, render(routine), FPS, crf=crf)
-        tmp_mp4.replace(tmp)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A private folder beside the target (mkdtemp: mode 0700, a fresh name), renamed over it when complete. The
+    # temporary keeps the .mp4 suffix so PyAV picks the container from it.
+    folder = Path(tempfile.mkdtemp(prefix=".routine-tmp-", dir=path.parent))
+    try:
+        write_video(folder / path.name, render(routine), FPS, crf=crf)
+        (folder / path.name).replace(path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return path
 
 

@@ -234,7 +234,7 @@ def test_default_preset_without_its_backbone_weights_names_the_preset_and_sugges
                      env={"AQA_HOME": str(tmp_path), "AQA_OFFLINE": "1", "COLUMNS": "80"})
     assert res.returncode == 2
     error = "".join(res.stderr.split())  # however the terminal wrapped it
-    assert "presetfisv-pcs" in error and "backbonevst" in error and "--presetdemo" in error
+    assert "presetfisv(" in error and "backbonevst" in error and "--presetdemo" in error
     from aqa_cli.backbones import get_backbone_spec
     from aqa_cli.weights import get_spec
 
