@@ -437,7 +437,7 @@ def sample_routines() -> dict[str, Routine]:
 
 def write_labels(labels: list[dict], out: Path, stem: str) -> tuple[Path, Path]:
     """``<stem>.json`` with every detail and ``<stem>.csv`` in the form `aqa train` reads (id, score, …)."""
-    from aqa_cli.fileio import atomic_write, write_json
+    from aqa_cli.fileio import write_json, write_text
 
     js = write_json(out / f"{stem}.json", {"description": "synthetic routines for the aqa demo head, not real sport",
                                            "deductions": DEDUCTIONS, "base_score": BASE_SCORE,
@@ -450,7 +450,7 @@ def write_labels(labels: list[dict], out: Path, stem: str) -> tuple[Path, Path]:
                               " ".join(str(f["clip"]) for f in faults) or "-",
                               " ".join(f"{f['kind']}@{f['clip']}:{f['severity']:.2f}" for f in faults) or "-"]))
     text = "\n".join(rows) + "\n"
-    csv = atomic_write(out / f"{stem}.csv", lambda p: p.write_text(text, encoding="utf-8"))
+    csv = write_text(out / f"{stem}.csv", text)
     return js, csv
 
 
