@@ -233,6 +233,9 @@ class DomainModel:
             held[assign == f] = cls.fit(x[assign != f], k).distance(x[assign == f])
         model = cls.fit(x, k)
         model.held_out_scores, model.label = held, label
+        # A conformal p-value is never below 1/(n+1): with few calibration videos, flag what lies beyond every one
+        # of them (an in-domain video does so with probability 1/(n+1)) rather than never flag anything.
+        model.alpha = max(DOMAIN_ALPHA, 1.5 / (len(held) + 1))
         return model
 
     def tensors(self) -> dict[str, np.ndarray]:
