@@ -39,7 +39,7 @@ norm() { tr 'A-Z_.' 'a-z--' | sed 's/\[.*//'; }
 IMAGE=$(grep -v '^#' bench/gpu_image_packages.txt | cut -d= -f1 | norm | sort -u)
 pin() { grep -i "^$1==" bench/gpu_image_packages.txt || echo "$1"; }
 
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import torch, cv2, typer' 2>/dev/null; then
+if [ ! -f "$VENV/.complete" ]; then
     rm -rf "$VENV"
     "$PY312" -m venv "$VENV"
     PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
@@ -53,9 +53,11 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import torch, cv2, ty
             nvidia-cublas nvidia-cuda-runtime nvidia-cufft nvidia-cufile nvidia-cuda-cupti nvidia-curand \
             nvidia-cusolver nvidia-cusparse nvidia-nvjitlink nvidia-cuda-nvrtc nvidia-nvtx
     fi
-    # torch's own needs, then aqa's (pyproject.toml) less decord, av and pytorchvideo, then the check's.
+    # torch's own needs, then aqa's (pyproject.toml) less decord, av and pytorchvideo, then the check's. typer<0.29:
+    # 0.29 needs pydantic, which the image lacks (its typer is older).
     "${PIP[@]}" filelock typing-extensions 'setuptools<82' sympy networkx jinja2 fsspec "$(pin numpy)" \
-        "$(pin safetensors)" typer rich pandas pillow matplotlib scipy pytest opencv-python-headless
+        "$(pin safetensors)" 'typer<0.29' rich pandas pillow matplotlib scipy pytest opencv-python-headless
+    touch "$VENV/.complete"
 fi
 EXTRA=$(comm -23 <("$VENV/bin/python" -m pip list --format=freeze --exclude pip 2>/dev/null | cut -d= -f1 | norm | sort -u) \
                  <(echo "$IMAGE"))

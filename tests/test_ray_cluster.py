@@ -34,8 +34,9 @@ ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip ins
 # Frames at 25 fps: 6, 1 and 1 clips (largest first: the head's worker, usually ready first, takes the long one).
 VIDEOS = {"long": 196, "a": 40, "b": 36}
 RAY_CLI = [sys.executable, "-c", "import sys; from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()"]
-_SECOND_NODE = [sys.executable, "-c", "import sys, ray._private.services as s; s.resolve_ip_for_localhost = lambda h: h; "
-                "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()"]
+_SECOND_NODE = [sys.executable, "-c", "import sys, ray._private.services as s; "
+                "s.resolve_ip_for_localhost = lambda h: h; from ray.scripts.scripts import main; "
+                "sys.argv[0] = 'ray'; main()"]
 LOOPBACK_HEX = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1 and ::ffff:127.0.0.1 in /proc/net
 
 
@@ -106,7 +107,9 @@ def cluster(tmp_path):
     tmpdir = tempfile.mkdtemp(prefix="aqa-rc-", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
     port = _free_port()
     env = {**os.environ, "RAY_TMPDIR": tmpdir, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           # The GCS declares a silent node dead after 3 missed 1 s health checks (Ray's default: 5 of 3 s).
+           "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
     common = ["--block", "--num-cpus", "1", "--disable-usage-stats"]
     started: list[subprocess.Popen] = []
     try:
