@@ -45,7 +45,8 @@ if [ ! -f "$VENV/.complete" ]; then
     PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
     "${PIP[@]}" --no-deps "$(pin torch)" "$(pin torchvision)"
     SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-    CUDA_FROM=${CUDA_LIBS_FROM:-$("$HOST_PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null || true)}
+    CUDA_FROM=${CUDA_LIBS_FROM:-$("$HOST_PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' \
+        2>/dev/null || true)}
     if [ -d "$CUDA_FROM/nvidia" ]; then
         ln -s "$CUDA_FROM/nvidia" "$SITE/nvidia"
     else
@@ -53,17 +54,23 @@ if [ ! -f "$VENV/.complete" ]; then
             nvidia-cublas nvidia-cuda-runtime nvidia-cufft nvidia-cufile nvidia-cuda-cupti nvidia-curand \
             nvidia-cusolver nvidia-cusparse nvidia-nvjitlink nvidia-cuda-nvrtc nvidia-nvtx
     fi
-    # torch's own needs, then aqa's (pyproject.toml) less decord, av and pytorchvideo, then the check's. typer<0.29:
-    # 0.29 needs pydantic, which the image lacks (its typer is older).
+    # torch's own needs, then aqa's (pyproject.toml) less decord, av and pytorchvideo, then the check's. Older than
+    # today's releases where those need what the image lacks (its own are older): typer 0.29 needs pydantic,
+    # python-dateutil 3+ needs tzdata.
     "${PIP[@]}" filelock typing-extensions 'setuptools<82' sympy networkx jinja2 fsspec "$(pin numpy)" \
-        "$(pin safetensors)" 'typer<0.29' rich pandas pillow matplotlib scipy pytest opencv-python-headless
+        "$(pin safetensors)" 'typer<0.29' 'python-dateutil<3' rich pandas pillow matplotlib scipy pytest \
+        opencv-python-headless
     touch "$VENV/.complete"
 fi
-EXTRA=$(comm -23 <("$VENV/bin/python" -m pip list --format=freeze --exclude pip 2>/dev/null | cut -d= -f1 | norm | sort -u) \
-                 <(echo "$IMAGE"))
-[ -z "$EXTRA" ] || { say "gpu_rehearsal: the venv holds packages the image lacks: $EXTRA"; exit 1; }
-say "venv: $("$VENV/bin/python" -c 'import sys, torch; print(f"python {sys.version.split()[0]}, torch {torch.__version__}")')," \
-    "$("$VENV/bin/python" -m pip list --format=freeze --exclude pip 2>/dev/null | wc -l) packages, all on the image's list"
+installed() { "$VENV/bin/python" -m pip list --format=freeze --exclude pip 2>/dev/null; }
+EXTRA=$(comm -23 <(installed | cut -d= -f1 | norm | sort -u) <(echo "$IMAGE"))
+if [ -n "$EXTRA" ]; then
+    say "gpu_rehearsal: the venv holds packages the image lacks: $EXTRA"
+    rm -f "$VENV/.complete"  # rebuilt on the next run
+    exit 1
+fi
+versions=$("$VENV/bin/python" -c 'import sys, torch; print("python", sys.version.split()[0] + ", torch", torch.__version__)')
+say "venv: $versions, $(installed | wc -l) packages, all on the image's list"
 for m in av pytorchvideo decord; do
     "$VENV/bin/python" -c "import $m" 2>/dev/null && { say "gpu_rehearsal: $m is importable in the venv"; exit 1; }
 done
@@ -86,5 +93,6 @@ env -u VIRTUAL_ENV PYTHON="$VENV/bin/python" WHEEL_SITE="$site" AQA_HOME="$home"
 status=${PIPESTATUS[0]}
 set -e
 cp "$out"/*.md "$out"/*.txt "$out"/*.log "$WORK/" 2>/dev/null || true
-say "gpu_check.sh --dry-run: exit $status in $(($(date +%s) - started)) s; $(grep -hE '[0-9]+ (passed|skipped)' "$out/gpu_tests.log" | tail -1)"
+tests=$(grep -hE '[0-9]+ (passed|skipped)' "$out/gpu_tests.log" | tail -1)
+say "gpu_check.sh --dry-run: exit $status in $(($(date +%s) - started)) s; tests: $tests"
 exit "$status"
