@@ -31,7 +31,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 # What the image must provide, checked first: one line naming what is missing, not a traceback minutes later.
 "$PY" - <<'PYEOF' 2>&1 | tee "$DEST/environment.txt" || exit 2
-import importlib, sys
+import importlib.util, sys
 need = ["torch", "torchvision", "numpy", "typer", "rich", "pandas", "PIL", "safetensors", "matplotlib", "scipy",
         "pytest", "cv2", "decord"]
 missing = [m for m in need if importlib.util.find_spec(m) is None]

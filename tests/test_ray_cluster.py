@@ -139,6 +139,10 @@ def cluster(tmp_path):
                 pass
         for proc in started:
             proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _ours(tmpdir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _ours(tmpdir) == [], "the cluster outlived the test"  # stopped: nothing of it is left running
 
 
 @pytest.mark.slow
