@@ -104,8 +104,10 @@ def test_gpu_check_script_parses_and_its_python_runs_on_the_cpu(tmp_path):
     script = REPO / "bench" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     proc = subprocess.run(["bash", str(script), "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=1600,
-                          env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable})
+                          env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable,
+                               "WHEEL_SITE": str(tmp_path / "site")})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "decoders" in (tmp_path / "environment.txt").read_text()  # the preflight ran and said what it found
     table = (tmp_path / "gpu.md").read_text()
     assert "| vst | random | fp32 | 2 |" in table and "| i3d |" in table and "end to end" in table
     if not torch.cuda.is_available():
