@@ -313,8 +313,8 @@ class InceptionI3d(nn.Module):
         self.Logits = Logits(channels, num_classes, dropout)
         # In bf16 on a CPU the convolution weights and the input are kept channels-last (NDHWC), oneDNN's native
         # layout: the convolutions then compute and return channels-last maps (oneDNN follows the weight's layout).
-        # Faster than the default layout in each of three runs (docs/performance.md); fp32 stays NCDHW, where
-        # channels-last measured slower (0.73-0.81x). Read whenever the model is cast or moved (``_apply``) and at
+        # Faster than the default layout in each of four runs (docs/performance.md); fp32 stays NCDHW, where
+        # channels-last measured slower (0.71-0.81x). Read whenever the model is cast or moved (``_apply``) and at
         # every forward; False keeps NCDHW.
         self.channels_last_bf16 = True
 
@@ -323,7 +323,7 @@ class InceptionI3d(nn.Module):
         for unit in self.modules():
             if isinstance(unit, Unit3D):
                 w = unit.conv.weight
-                cl = getattr(self, "channels_last_bf16", False) and w.dtype == torch.bfloat16 and w.device.type == "cpu"
+                cl = self.channels_last_bf16 and w.dtype == torch.bfloat16 and w.device.type == "cpu"
                 w.data = w.data.contiguous(memory_format=torch.channels_last_3d if cl else torch.contiguous_format)
         return self
 
