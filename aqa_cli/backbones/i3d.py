@@ -313,7 +313,7 @@ class InceptionI3d(nn.Module):
         self.Logits = Logits(channels, num_classes, dropout)
         # In bf16 on a CPU the convolution weights and the input are kept channels-last (NDHWC), oneDNN's native
         # layout: the convolutions then compute and return channels-last maps (oneDNN follows the weight's layout).
-        # Faster than the default layout in each of four runs (docs/performance.md); fp32 stays NCDHW, where
+        # Faster than the default layout in each of four CPU-clock runs (docs/performance.md); fp32 stays NCDHW, where
         # channels-last measured slower (0.71-0.81x). Read whenever the model is cast or moved (``_apply``) and at
         # every forward; False keeps NCDHW.
         self.channels_last_bf16 = True
