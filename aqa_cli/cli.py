@@ -240,7 +240,7 @@ def score(
         "--trust-features", help="Let a head score features of other backbone weights than it was trained on "
                                  "(refused otherwise: another checkpoint's features are another feature space).")] = False,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "fp32",
+    precision: PrecisionOpt = "auto",  # the interval dwarfs bf16's drift (docs/performance.md)
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON (one object per video, a list for several) "
                                                           "instead of tables.")] = False,
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Write one row per video (and head).")] = None,

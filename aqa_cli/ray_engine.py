@@ -223,6 +223,30 @@ def _size(path: Path) -> int:
         return 0
 
 
+def _auth_refused(exc: BaseException) -> bool:
+    """Whether Ray refused to connect for want of the cluster's token (Ray >= 2.52's token authentication).
+
+    ``ray.init`` wraps the refusal: a ConnectionError whose cause is an ``AuthenticationError``, or that error
+    itself when ``RAY_AUTH_MODE=token`` is set without a token.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if type(seen).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _token_problem() -> str:
+    """What is wrong with this process's token settings, in words."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return "RAY_AUTH_MODE is not 'token' here"
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+            or (Path.home() / ".ray" / "auth_token").is_file()):
+        return "no token is set here (RAY_AUTH_TOKEN)"
+    return "this token is not the cluster's"
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text[:200]}"
@@ -310,6 +334,12 @@ class _RayRun:
                 break
             except Exception as exc:  # noqa: BLE001 - Ray raises bare Exception, RuntimeError or ConnectionError
                 ray.shutdown()
+                if _auth_refused(exc):  # a retry would be refused the same way, after another 30 s
+                    raise AqaError(f"the Ray cluster at {address} refused this driver: it uses token "
+                                   f"authentication and {_token_problem()}",
+                                   fix="export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<the cluster's token> "
+                                       "(`ray get-auth-token` on the head node), as on every node, then rerun "
+                                       "(docs/scale-out.md)") from None
                 if attempt == _START_ATTEMPTS:
                     raise AqaError(f"cannot start or join Ray at {address or 'a new local instance'} "
                                    f"({_one_line(exc)})",

@@ -25,8 +25,17 @@ def write_video(
     rotation: int | None = None,
     pts_seconds: Iterable[float] | None = None,
 ) -> Path:
-    """Encode uint8 RGB frames [H, W, 3]. ``pts_seconds`` gives each frame's time (variable frame rate)."""
-    import av
+    """Encode uint8 RGB frames [H, W, 3]. ``pts_seconds`` gives each frame's time (variable frame rate).
+
+    Where PyAV is not installed (a GPU image with OpenCV but no PyAV), a plain constant-rate video is written with
+    OpenCV instead (MPEG-4 part 2 in .mp4, which decord reads); the options only PyAV has are then refused.
+    """
+    try:
+        import av
+    except ImportError:
+        if codec != "libx264" or rotation or pts_seconds is not None:
+            raise ValueError("codec, rotation and pts_seconds need PyAV (pip install av)") from None
+        return _write_video_opencv(Path(path), frames, fps)
 
     path = Path(path)
     rate = Fraction(fps).limit_denominator(1001)
@@ -56,6 +65,26 @@ def write_video(
         if stream is None:
             raise ValueError("no frames to write")
         container.mux(stream.encode(None))
+    return path
+
+
+def _write_video_opencv(path: Path, frames: Iterable[np.ndarray], fps: float) -> Path:
+    import cv2
+
+    writer = None
+    try:
+        for frame in frames:
+            if writer is None:
+                h, w = frame.shape[:2]
+                writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (w, h))
+                if not writer.isOpened():
+                    raise ValueError(f"OpenCV cannot write {path} (its FFmpeg lacks the MPEG-4 encoder)")
+            writer.write(np.ascontiguousarray(frame[..., ::-1]))  # OpenCV takes BGR
+        if writer is None:
+            raise ValueError("no frames to write")
+    finally:
+        if writer is not None:
+            writer.release()
     return path
 
 

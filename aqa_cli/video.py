@@ -4,6 +4,8 @@ decord is the primary decoder because it is fast at batched, seekable reads.
 PyAV is the fallback for what decord cannot open (GIF, odd containers) and for
 installations without decord; it also probes every file first, because it
 reads rotation metadata that decord ignores and fails cleanly on non-videos.
+Both are imported only when used: an installation with decord alone (a GPU
+image that carries its wheel) opens videos with decord, without the probe.
 
 Frames are yielded in small chunks so that callers can shrink them at once:
 nothing here ever holds more than ``chunk_size`` full-resolution frames.
@@ -31,13 +33,21 @@ except Exception:  # noqa: BLE001 - any import failure just means "not available
     _decord = None
 
 
+def _pyav():
+    """PyAV, or None where it is not installed (a GPU image that carries decord alone, say)."""
+    try:
+        import av
+    except ImportError:
+        return None
+    return av
+
+
 def available_decoders() -> dict[str, str | None]:
     """Decoder name → version string, or None when it cannot be imported."""
-    import av
-
+    av = _pyav()
     return {
         "decord": getattr(_decord, "__version__", "unknown") if _decord is not None else None,
-        "pyav": av.__version__,
+        "pyav": av.__version__ if av is not None else None,
     }
 
 
@@ -282,6 +292,11 @@ def open_video(path: str | Path, decoder: str = "auto") -> VideoReader:
     """
     path = Path(path)
     _check_file(path)
+    if _pyav() is None:
+        if decoder == "pyav" or _decord is None:
+            raise VideoError("PyAV is not installed" + ("" if _decord is not None else ", nor decord"), path=path,
+                             fix="pip install av" + (", or use --decoder decord" if _decord is not None else ""))
+        return _open_decord_alone(path)
     meta, av_stamps = _probe_pyav(path)
     rotation = meta["rotation"]
     swap = rotation % 180 != 0
@@ -328,6 +343,29 @@ def open_video(path: str | Path, decoder: str = "auto") -> VideoReader:
         _truncation_warnings(meta, duration),
     )
     return _PyAVReader(info, stamps)
+
+
+def _open_decord_alone(path: Path) -> VideoReader:
+    """decord without PyAV's probe (where PyAV is not installed): decord applies the display rotation itself,
+    but does not report it, so ``info.rotation`` reads 0; non-videos fail here as they would in the probe."""
+    try:
+        vr = _decord.VideoReader(str(path), ctx=_decord.cpu(0))
+        n = len(vr)
+        if n == 0:
+            raise VideoError("has zero decodable frames", path=path, fix="re-encode or re-download the video")
+        fps = float(vr.get_avg_fps())
+        stamps = np.asarray(vr.get_frame_timestamp(range(n)), dtype=np.float64)[:, 0]
+        h, w = vr[0].shape[:2]
+        vr.seek(0)
+    except VideoError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - decord raises its own DECORDError and RuntimeErrors
+        raise VideoError(f"not a readable video ({_short(exc)})", path=path,
+                         fix="check that it is a video file and not truncated (or pip install av for more formats)"
+                         ) from None
+    stamps, fps, vfr = _finish_timestamps(stamps, n, fps)
+    duration = float(stamps[-1] + 1.0 / fps)
+    return _DecordReader(VideoInfo(str(path), "decord", n, fps, int(w), int(h), 0, duration, vfr), stamps, vr)
 
 
 def _count_frames_pyav(path: Path) -> int:

@@ -104,11 +104,58 @@ def test_gpu_check_script_parses_and_its_python_runs_on_the_cpu(tmp_path):
     script = REPO / "bench" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     proc = subprocess.run(["bash", str(script), "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=1600,
-                          env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable})
+                          env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable,
+                               "WHEEL_SITE": str(tmp_path / "site")})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "decoders" in (tmp_path / "environment.txt").read_text()  # the preflight ran and said what it found
     table = (tmp_path / "gpu.md").read_text()
     assert "| vst | random | fp32 | 2 |" in table and "| i3d |" in table and "end to end" in table
     if not torch.cuda.is_available():
         # Without CUDA the gpu-marked tests are collected and skipped, with the reason given.
         log = (tmp_path / "gpu_tests.log").read_text()
         assert "4 skipped" in log, log
+
+
+# ------------------------------------------------------------------ the device image: no PyAV, decord carried, OpenCV
+
+
+def test_without_pyav_opencv_writes_the_video_and_decord_alone_reads_it(tmp_path, monkeypatch):
+    """The GPU image has OpenCV and the carried decord but no PyAV: aqa must still write and read videos there."""
+    pytest.importorskip("cv2", reason="OpenCV writes the test video where PyAV is absent")
+    from aqa_cli import video
+    from aqa_cli.errors import VideoError
+    from aqa_cli.synthetic import moving_scene, write_video
+
+    if video._decord is None:
+        pytest.skip("decord is not installed")
+    frames = list(moving_scene(30, 96, 128, seed=1))
+    with_pyav = video.open_video(write_video(tmp_path / "ref.mp4", frames, 25))
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` now raises ImportError, as on the image
+    assert video.available_decoders()["pyav"] is None
+    path = write_video(tmp_path / "cv.mp4", frames, 25)
+    with pytest.raises(ValueError, match="need PyAV"):
+        write_video(tmp_path / "rot.mp4", frames, 25, rotation=90)
+    with video.open_video(path) as reader:
+        info = reader.info
+        got = np.concatenate([chunk for _, chunk in reader.iter_chunks(range(info.num_frames))])
+    assert (info.decoder, info.num_frames, info.fps, info.width, info.height) == ("decord", 30, 25.0, 128, 96)
+    assert reader.timestamps[1] == pytest.approx(0.04)
+    assert np.abs(got.astype(int) - np.stack(frames).astype(int)).mean() < 8  # lossy MPEG-4, the same scene
+    with with_pyav as ref:
+        assert ref.info.num_frames == info.num_frames and ref.info.decoder == "decord"
+    (tmp_path / "notes.mp4").write_text("not a video\n" * 50)
+    with pytest.raises(VideoError, match="notes.mp4: not a readable video"):
+        video.open_video(tmp_path / "notes.mp4")
+    with pytest.raises(VideoError, match="PyAV is not installed"):
+        video.open_video(path, decoder="pyav")
+
+
+def test_the_rehearsal_and_wheel_scripts_parse_and_the_image_list_holds_what_aqa_needs():
+    for script in ("gpu_check.sh", "gpu_wheels.sh", "gpu_rehearsal.sh"):
+        assert subprocess.run(["bash", "-n", str(REPO / "bench" / script)], capture_output=True).returncode == 0
+    image = {line.split("==")[0] for line in (REPO / "bench" / "gpu_image_packages.txt").read_text().splitlines()
+             if line and not line.startswith("#")}
+    # aqa's dependencies that the device image must have (decord travels as a wheel; av and pytorchvideo are lazy).
+    assert {"torch", "torchvision", "numpy", "typer", "rich", "pandas", "pillow", "safetensors", "matplotlib",
+            "scipy", "pytest", "opencv-python-headless"} <= image
+    assert not {"decord", "av", "pytorchvideo"} & image

@@ -174,3 +174,27 @@ def test_bf16_drift_of_the_real_weights_is_within_the_auto_bound(i3d, shared, ro
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() >= 0.999
     assert (la.argmax(1) == lb.argmax(1)).all()
+
+
+def test_bf16_on_the_cpu_runs_channels_last_and_agrees_with_the_default_layout():
+    """Cast to bf16 on a CPU, I3D keeps its convolution weights channels-last (oneDNN's layout, faster where bf16 is
+    native) and its convolutions return channels-last maps; back in fp32 it is NCDHW again. The features are the
+    default layout's within bf16 rounding. Runs on any CPU (tiny input)."""
+    torch.manual_seed(0)
+    fp32 = fuse_batchnorm(InceptionI3d()).eval()
+    default = copy.deepcopy(fp32)
+    default.channels_last_bf16 = False
+    last, default = copy.deepcopy(fp32).to(torch.bfloat16), default.to(torch.bfloat16)
+    assert all(m.conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+               for m in last.modules() if hasattr(m, "conv"))
+    assert all(m.conv.weight.is_contiguous() for m in default.modules() if hasattr(m, "conv"))
+    layouts = []
+    last.Conv3d_2c_3x3.register_forward_hook(  # a 3x3x3 convolution (a 1x1x1 one's layouts are indistinguishable)
+        lambda _m, _i, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last_3d)))
+    x = torch.randn(1, 3, 8, 64, 64).to(torch.bfloat16)
+    with torch.inference_mode():
+        a, b = last(x).features, default(x).features
+    assert layouts == [True]
+    assert torch.nn.functional.cosine_similarity(a, b).min() >= 0.999
+    back = last.float()
+    assert all(m.conv.weight.is_contiguous() for m in back.modules() if hasattr(m, "conv"))

@@ -209,6 +209,24 @@ def test_folders_are_taken_recursively_with_sidecars_and_hidden_files_left_out(t
     assert [p.relative_to(tmp_path).as_posix() for p in found.skipped] == ["notes.txt", "sub/other.json"]
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_score_runs_at_auto_precision_by_default_and_extract_features_at_fp32(monkeypatch, native):
+    """`aqa score` defaults to auto (bf16 where the CPU or GPU computes it natively), extract-features to fp32;
+    the precision a scorer records (its cache key) is the one it runs at, whichever CPU runs this test."""
+    import typer.main
+
+    import aqa_cli.backbones
+    from aqa_cli.cli import app
+
+    commands = typer.main.get_command(app).commands
+    default = {name: next(p.default for p in commands[name].params if p.name == "precision")
+               for name in ("score", "extract-features")}
+    assert default == {"score": "auto", "extract-features": "fp32"}
+    monkeypatch.setattr(aqa_cli.backbones, "native_bf16", lambda device: native)
+    scorer = Scorer(choose_heads(head="gdlt"), cache=None, device="cpu", precision=default["score"])
+    assert scorer.precision_for("i3d") == scorer.precision_for("vst") == ("bf16" if native else "fp32")
+
+
 # ------------------------------------------------------------------------------------------ the real I3D backbone
 
 
