@@ -258,6 +258,10 @@ def score(
                                                                   "a CPU; on a GPU as many as its free memory "
                                                                   "holds).")] = None,
     decoder: Annotated[str, typer.Option(help="auto (decord, else PyAV), decord or pyav.")] = "auto",
+    effects: Annotated[str, typer.Option(help="Measure what each clip does to the score (the head run again without "
+                                              "it): auto (unless a head without a one-pass shortcut meets a video "
+                                              "of over 600 clips, where it costs minutes to an hour), always or "
+                                              "never.")] = "auto",
     top: Annotated[Optional[int], typer.Option(min=1, help="Show only the N clips that move the score most (by "
                                                            "measured effect) in each table.")] = None,
     level: Annotated[float, typer.Option(help="The intervals' level: the share of videos like the training videos "
@@ -327,7 +331,8 @@ def score(
 
     scorer = Scorer(choice, backbone=backbone, device=device, precision=precision,
                     cache=None if no_cache else FeatureCache(), batch_size=batch_size, decoder=decoder, events=Events(),
-                    backbone_weights=backbone_weights, trust_features=trust_features, level=level,
+                    backbone_weights=backbone_weights, trust_features=trust_features,
+                    effects=effects, level=level,
                     strict_domain=strict_domain)
     with progress:
         results = scorer.score_all(paths)

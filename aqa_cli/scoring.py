@@ -334,6 +334,29 @@ class ScoreEvents:
 BackboneFactory = Callable[[str], Backbone]
 
 
+EFFECT_MODES = ("auto", "always", "never")
+# Over this many clips, `--effects auto` skips the measured effects of a head without a one-pass shortcut: each
+# costs T passes of T - 1 clips, T^2 to T^3 work (interp: 8-9.5 s at 300 clips on 2 cores, bench/bench_effects.py,
+# so minutes past 600 and most of an hour at 2000). Fis-V programs have at most 302 clips.
+MAX_MEASURED_CLIPS = 600
+
+
+def effects_skipped(model: torch.nn.Module, features: np.ndarray, mode: str) -> str | None:
+    """Why the measured effects of ``model`` on a video's ``features`` [T, D] are not computed, or None to compute
+    them."""
+    if mode == "never":
+        return "clip effects not measured (--effects never): the head's weights and scores are shown unchecked"
+    clips = len(features)
+    if mode == "always" or clips <= MAX_MEASURED_CLIPS:
+        return None
+    # A head that scores every clip-removed video exactly in one pass (the clip-additive head) costs nothing more.
+    one_pass = getattr(model, "scores_without_each_clip", None)
+    if one_pass is not None and one_pass(torch.as_tensor(np.asarray(features, dtype=np.float32))) is not None:
+        return None
+    return (f"clip effects not measured: {clips} clips, over {MAX_MEASURED_CLIPS}, where this head's effects cost "
+            "minutes to an hour (T passes of T - 1 clips); --effects always measures them anyway")
+
+
 class Scorer:
     """Scores inputs with a fixed set of heads; features are shared between heads and cached.
 
@@ -348,7 +371,8 @@ class Scorer:
                  precision: str = "fp32", cache: FeatureCache | None = None, batch_size: int | None = 4,
                  decoder: str = "auto", backbone_factory: BackboneFactory | None = None,
                  events: ScoreEvents | None = None, backbone_weights: str | None = None,
-                 trust_features: bool = False, level: float = 0.9, strict_domain: bool = False):
+                 trust_features: bool = False, level: float = 0.9, strict_domain: bool = False,
+                 effects: str = "auto"):
         if precision not in PRECISIONS:
             raise AqaError(f"unknown precision {precision!r}", fix=f"choose one of: {', '.join(PRECISIONS)}")
         self.choice = choice
@@ -362,6 +386,9 @@ class Scorer:
         # Other weights for the backbone: a registry name or a checkpoint file (create_backbone's ``weights``).
         self.backbone_weights = backbone_weights
         self.trust_features = trust_features
+        if effects not in EFFECT_MODES:
+            raise AqaError(f"unknown --effects {effects!r}", fix=f"choose one of: {', '.join(EFFECT_MODES)}")
+        self.effects = effects
         from aqa_cli.calibration import conformal_quantile
 
         conformal_quantile([0.0], level)  # a level outside (0, 1) is refused before any video is read
@@ -636,7 +663,11 @@ class Scorer:
         clip_scores = out.clip_scores[0].double().cpu().numpy()
         # What each clip really does: the head again on the video without it (batched passes).
         t0 = time.perf_counter()
-        measured = measured_effects(h.model, feats.features, device=self.device, score=score)
+        skipped = effects_skipped(h.model, feats.features, self.effects)
+        if skipped:
+            measured = np.full(len(feats.features), np.nan)
+        else:
+            measured = measured_effects(h.model, feats.features, device=self.device, score=score)
         predicted = predicted_effects(weights, clip_scores)
         rho = faithfulness(predicted, measured)
         result.timings["effects_s"] = time.perf_counter() - t0
@@ -662,7 +693,7 @@ class Scorer:
         result.features_source = feats.source
         result.video = feats.video
         result.video_note = feats.video_note
-        result.warnings = list(feats.warnings) + ([trusted] if trusted else [])
+        result.warnings = list(feats.warnings) + ([trusted] if trusted else []) + ([skipped] if skipped else [])
         calibration, domain, missing = self.trust[id(h)]
         attach_trust(result, calibration, domain, self.level, missing=missing, features=feats.features)
         if self.strict_domain and result.domain and not result.domain["in_domain"]:

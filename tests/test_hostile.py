@@ -497,3 +497,26 @@ def test_property_malformed_head_metadata_never_escapes_the_error_handler(tmp_pa
         row = json.loads(res.stdout)
         if row["status"] == "ok":
             assert row["scale"]["min"] <= row["score"] <= row["scale"]["max"]
+
+
+# ------------------------------------------------------------------------------- a long video and a costly head
+
+
+def test_a_long_video_skips_the_interp_heads_measured_effects_saying_so(tmp_path):
+    """Measured effects cost T passes of T - 1 clips (T^3 for interp): over MAX_MEASURED_CLIPS they are skipped
+    by default, with a warning naming --effects always; the score itself is unchanged."""
+    from aqa_cli.scoring import MAX_MEASURED_CLIPS
+
+    n = MAX_MEASURED_CLIPS + 1
+    npy = write_pair(tmp_path, "long", good_features(n), sidecar(n))
+    res = invoke_aqa("score", npy, "--preset", "demo", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert all(c["effect"] is None for c in out["clips"]) and out["faithfulness"] is None
+    assert any("--effects always" in w for w in out["warnings"])
+    short = write_pair(tmp_path, "short", good_features(n)[:40], sidecar(40))
+    for mode, measured in (("auto", True), ("never", False)):
+        res = invoke_aqa("score", short, "--preset", "demo", "--json", "--effects", mode)
+        assert res.returncode == 0, res.stderr
+        assert (json.loads(res.stdout)["clips"][0]["effect"] is not None) == measured
+    assert_one_line_refusal(invoke_aqa("score", short, "--preset", "demo", "--effects", "sometimes"), "--effects")
