@@ -28,6 +28,7 @@ import pytest
 
 from aqa_cli.synthetic import moving_scene, write_video
 from conftest import REPO, invoke_aqa
+from test_ray_engine import _title
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'aqa[ray]'")
 
@@ -62,13 +63,6 @@ def _ours(tmpdir: str, marker: str = "") -> list[int]:
         if wanted <= env:
             pids.append(int(proc.name))
     return pids
-
-
-def _title(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def _listening(pids: list[int]) -> list[str]:
