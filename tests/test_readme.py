@@ -23,7 +23,7 @@ except ImportError:  # older typer runs on click itself
     from click.exceptions import ClickException
 
 from aqa_cli.cli import app
-from conftest import REPO, run_aqa
+from conftest import REPO, invoke_aqa
 
 READMES = [REPO / "README.md", REPO / "weights" / "README.md", REPO / "samples" / "README.md",
            REPO / "bench" / "README.md"]
@@ -168,7 +168,7 @@ def test_cheap_readme_commands_run_as_written(args):
     found = [c for c in COMMANDS if c.args == args or c.args[:len(args)] == args and set(c.args[len(args):]) <= {"--help"}]
     if not any(c.args == args for c in found):
         pytest.skip(f"`aqa {' '.join(args)}` is not in the READMEs any more")
-    res = run_aqa(*args, timeout=300)
+    res = invoke_aqa(*args)
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr
 
@@ -176,7 +176,7 @@ def test_cheap_readme_commands_run_as_written(args):
 def test_readme_demo_score_runs_as_written(i3d):
     demo = ("score", "samples/routine_fall.mp4", "--preset", "demo")
     assert any(c.args == demo for c in COMMANDS)
-    res = run_aqa(*demo, timeout=600)
+    res = invoke_aqa(*demo)
     assert res.returncode == 0, res.stderr
     assert "Total:" in res.stdout and "/ 10" in res.stdout
     assert "demonstration" in res.stdout.lower()
