@@ -11,6 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+CLI_TORCH_THREADS: int | None = None  # torch's thread count in a fresh process, set by pytest_configure
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -20,6 +21,14 @@ def pytest_configure(config: pytest.Config) -> None:
         import tempfile
 
         os.environ["AQA_HOME"] = tempfile.mkdtemp(prefix="aqa-test-home-")
+    # One torch thread for the tests themselves: the small heads most of them train run faster on one than on a
+    # team of two (and no thread waits on a preempted partner on a shared machine). The CLI run in-process
+    # (invoke_aqa) gets the count a fresh `aqa` process has, as run_aqa's subprocess does.
+    import torch
+
+    global CLI_TORCH_THREADS
+    CLI_TORCH_THREADS = torch.get_num_threads()
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -41,18 +50,6 @@ def shared() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is absent: the real videos and data live there (see DEVELOPERS.md)")
     return SHARED
-
-
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """One torch thread for a module of small heads (faster than two for tensors this size); the count is put back
-    afterwards, so that the real backbones elsewhere keep the count a fresh process has."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -119,6 +116,9 @@ def invoke_aqa(*args: str | os.PathLike, env: dict | None = None) -> subprocess.
 
     stdout, stderr = io.StringIO(), io.StringIO()
     saved = {k: os.environ.get(k) for k in (env or {})}
+    import torch
+
+    threads = torch.get_num_threads()
     # rich reads COLUMNS once, when a console is made (at import): a subprocess with a pipe for its output gets
     # COLUMNS if set, else 80 columns, and so does each call here.
     consoles = [c for c in vars(render).values() if isinstance(c, Console)]
@@ -130,6 +130,8 @@ def invoke_aqa(*args: str | os.PathLike, env: dict | None = None) -> subprocess.
         os.environ.update({k: str(v) for k, v in (env or {}).items()})
         for console in consoles:
             console.width = int(columns) if columns.isdigit() else 80
+        omp = str((env or {}).get("OMP_NUM_THREADS", ""))  # a subprocess given OMP_NUM_THREADS starts with that many
+        torch.set_num_threads(int(omp) if omp.isdigit() else CLI_TORCH_THREADS or threads)
         os.chdir(REPO)
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
@@ -140,6 +142,7 @@ def invoke_aqa(*args: str | os.PathLike, env: dict | None = None) -> subprocess.
         os.chdir(cwd)
         for console, width in zip(consoles, widths):
             console._width = width
+        torch.set_num_threads(threads)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -150,8 +150,9 @@ def test_damaged_cached_weights_are_refused(tmp_path):
 def test_killed_run_resumes_to_identical_outputs(tmp_path):
     videos = tmp_path / "videos"
     videos.mkdir()
-    for k in range(3):
-        write_video(videos / f"v{k}.mp4", moving_scene(96, 240, 320, seed=k), 25)  # 3 clips each
+    # 1, 3 and 1 clips: the kill lands inside v1's three (a second after v0 is written), and v2 is left undone.
+    for k, frames in enumerate((32, 96, 32)):
+        write_video(videos / f"v{k}.mp4", moving_scene(frames, 240, 320, seed=k), 25)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "aqa_cli", "extract-features", str(videos), "--out", str(out), "--batch-size", "1"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

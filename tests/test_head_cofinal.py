@@ -23,8 +23,6 @@ from aqa_cli.heads.cofinal import (
     state_dict_from_official,
 )
 
-# Small heads run faster on one torch thread; the fixture puts the count back after this module.
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # Small enough for milliseconds; the paper's structure (P procedures, paper fine head) otherwise.
 SMALL = {"in_dim": 64, "hidden_dim": 32, "n_head": 2, "n_subgrades": 16, "score_max": 25.0, "dropout": 0.0}

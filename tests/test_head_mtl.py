@@ -23,9 +23,6 @@ from aqa_cli.metrics import spearman
 from aqa_cli.training import TrainSettings, fit
 from conftest import assert_close_across_instances, assert_same_model, invoke_aqa, write_labels_csv
 
-# Small heads run faster on one torch thread; the fixture puts the count back after this module.
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 POSITIONS = ["free", "tuck", "pike"]
 SCHEMA = [{"name": "position", "classes": POSITIONS},
           {"name": "armstand", "classes": ["no", "yes"], "display": ["no armstand", "armstand"]}]
@@ -333,7 +330,7 @@ def test_train_and_score_from_the_command_line(tmp_path):
                      "--set", "hidden_dim=16", "--set", "caption_hidden=16", "--set", "word_dim=8",
                      "--set", "caption_layers=1", "--set", "batch_size=8", "--set", "lr=0.003",
                      "--set", 'subtasks=[{"name": "position", "classes": ["free", "tuck", "pike"]}]',
-                     "--out", ckpt)
+                     "--out", ckpt, env={"OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
     loaded = load_head(ckpt)
     assert loaded.config["vocab"] and loaded.config["subtasks"][0]["name"] == "position"

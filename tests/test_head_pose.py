@@ -198,11 +198,11 @@ def test_train_and_score_from_the_command_line(tmp_path):
     res = invoke_aqa("train", "--features", tmp_path / "f", "--labels", tmp_path / "f" / "labels.csv",
                      "--target", "dive_score", "--head", "pose", "--preset", "finediving", "--epochs", "3",
                      "--set", f"frame_runs={RUNS}", "--set", f"run_dim={RUN_DIM}", "--set", "hidden_dim=32",
-                     "--set", "k_exemplars=4", "--out", ckpt)
+                     "--set", "k_exemplars=4", "--out", ckpt, env={"OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
     assert "steps" in json.loads(ckpt.with_suffix(".log.json").read_text())["history"][-1]
     res = invoke_aqa("score", tmp_path / "f" / "d000.npy", "--weights", ckpt, "--backbone", "pose", "--no-cache",
-                     "--json")
+                     "--json", env={"OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
     result = json.loads(res.stdout)
     runs, clips = result["extras"]["steps"], result["clips"]
@@ -210,7 +210,7 @@ def test_train_and_score_from_the_command_line(tmp_path):
     assert runs[0]["start_s"] == pytest.approx(clips[0]["start_s"]) and runs[-1]["end_s"] == pytest.approx(clips[-1]["end_s"])
     assert len(result["extras"]["exemplars"]) == 4
     res = invoke_aqa("score", tmp_path / "f" / "d000.npy", "--weights", ckpt, "--backbone", "pose", "--no-cache",
-                     env={"COLUMNS": "200"})
+                     env={"OMP_NUM_THREADS": "1", "COLUMNS": "200"})
     text = " ".join(res.stdout.split())
     assert "scale: execution score (target ÷ difficulty)" in text and "exemplars (4, score + difference)" in text
     assert f"steps: {runs[0]['step']} {runs[0]['start_s']:.2f}–{runs[0]['end_s']:.2f} s" in text
