@@ -87,6 +87,8 @@ def test_folds_are_stratified_and_seeded():
         assert y[a == k].min() < 10 and y[a == k].max() > 92
 
 
+# The CLI in-process gets a fresh process's torch thread count; these heads are tiny, and train faster on one.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 TRAIN_ARGS = ["--target", "TES", "--head", "gdlt", "--epochs", "3", "--seed", "7", "--device", "cpu",
               "--set", "hidden_dim=16", "--set", "dropout=0.0", "--set", "crop=8", "--set", "batch_size=8"]
 
@@ -96,7 +98,7 @@ def test_train_cross_validate_and_evaluate(tmp_path):
     f = tmp_path / "f"
     ck = tmp_path / "m.safetensors"
     res = invoke_aqa("train", "--features", f, "--labels", f / "labels.csv", *TRAIN_ARGS, "--folds", "3",
-                     "--out", ck)
+                     "--out", ck, env=ONE_THREAD)
     assert res.returncode == 0, res.stderr
     assert "3-fold cross-validation" in res.stdout and "mean ± std" in res.stdout
     log = json.loads(ck.with_suffix(".log.json").read_text())
@@ -108,7 +110,7 @@ def test_train_cross_validate_and_evaluate(tmp_path):
     assert meta["seed"] == "7" and json.loads(meta["cv"])["folds"] == 3
     # The same seed gives the same model, byte for byte in its tensors.
     ck2 = tmp_path / "again.safetensors"
-    res2 = invoke_aqa("train", "--features", f, "--labels", f / "labels.txt", *TRAIN_ARGS, "--out", ck2)
+    res2 = invoke_aqa("train", "--features", f, "--labels", f / "labels.txt", *TRAIN_ARGS, "--out", ck2, env=ONE_THREAD)
     assert res2.returncode == 0, res2.stderr
     from safetensors.torch import load_file
 
@@ -118,7 +120,7 @@ def test_train_cross_validate_and_evaluate(tmp_path):
     # the same model and the same figures as running both again.
     ck3 = tmp_path / "reused.safetensors"
     res3 = invoke_aqa("train", "--features", f, "--labels", f / "labels.csv", *TRAIN_ARGS, "--folds", "3",
-                      "--cv-from", ck.with_suffix(".log.json"), "--out", ck3)
+                      "--cv-from", ck.with_suffix(".log.json"), "--out", ck3, env=ONE_THREAD)
     assert res3.returncode == 0, res3.stderr
     c = load_file(str(ck3))
     assert all(torch.equal(a[k], c[k]) for k in a)
@@ -127,16 +129,17 @@ def test_train_cross_validate_and_evaluate(tmp_path):
     assert json.loads(load_head(ck3).metadata["cv"]) == log["cv"]
     other = [a if a != "7" else "8" for a in TRAIN_ARGS]  # another seed: not the same job
     refused = invoke_aqa("train", "--features", f, "--labels", f / "labels.csv", *other, "--folds", "3",
-                         "--cv-from", ck.with_suffix(".log.json"), "--out", tmp_path / "x.safetensors")
+                         "--cv-from", ck.with_suffix(".log.json"), "--out", tmp_path / "x.safetensors", env=ONE_THREAD)
     assert refused.returncode != 0 and "differs from this one in seed" in refused.stderr
     assert "Traceback" not in refused.stderr and not (tmp_path / "x.safetensors").exists()
-    ev = invoke_aqa("evaluate", "--features", f, "--labels", f / "labels.csv", "--weights", ck, "--json")
+    ev = invoke_aqa("evaluate", "--features", f, "--labels", f / "labels.csv", "--weights", ck, "--json",
+                    env=ONE_THREAD)
     assert ev.returncode == 0, ev.stderr
     out = json.loads(ev.stdout)
     assert out["n"] == 24 and out["target"] == "TES"
     assert set(out) >= {"spearman", "pearson", "rl2_x100", "mae"}
     both = invoke_aqa("evaluate", "--features", f, "--labels", f / "labels.csv", "--weights", ck, "--weights", ck2,
-                      "--target", "TES", "--target", "PCS", "--json")
+                      "--target", "TES", "--target", "PCS", "--json", env=ONE_THREAD)
     assert both.returncode == 0, both.stderr
     payload = json.loads(both.stdout)
     rhos = [r["spearman"] for r in payload["results"]]
@@ -144,10 +147,10 @@ def test_train_cross_validate_and_evaluate(tmp_path):
     # Several files after one flag, as the README writes it, is the same as repeating the flag (the explanations'
     # faithfulness, one head pass per clip, is measured above and has nothing to do with how flags are read).
     listed = invoke_aqa("evaluate", "--features", f, "--labels", f / "labels.csv", "--weights", ck, ck2, ck3,
-                        "--json", "--no-explanations")
+                        "--json", "--no-explanations", env=ONE_THREAD)
     assert listed.returncode == 0, listed.stderr
     repeated = invoke_aqa("evaluate", "--features", f, "--labels", f / "labels.csv", "--weights", ck, "--weights", ck2,
-                          "--weights", ck3, "--json", "--no-explanations")
+                          "--weights", ck3, "--json", "--no-explanations", env=ONE_THREAD)
     assert json.loads(listed.stdout) == json.loads(repeated.stdout)
     assert [Path(r["weights"]).name for r in json.loads(listed.stdout)["results"]] == \
         ["m.safetensors", "again.safetensors", "reused.safetensors"]
@@ -157,10 +160,10 @@ def test_evaluate_refuses_features_that_break_the_contract(tmp_path):
     write_set(tmp_path / "f")
     ck = tmp_path / "m.safetensors"
     assert invoke_aqa("train", "--features", tmp_path / "f", "--labels", tmp_path / "f" / "labels.csv", *TRAIN_ARGS,
-                      "--epochs", "1", "--out", ck).returncode == 0
+                      "--epochs", "1", "--out", ck, env=ONE_THREAD).returncode == 0
     write_set(tmp_path / "g", dim=24)
     res = invoke_aqa("evaluate", "--features", tmp_path / "g", "--labels", tmp_path / "g" / "labels.csv",
-                     "--weights", ck)
+                     "--weights", ck, env=ONE_THREAD)
     assert res.returncode == 2
     assert "24 of 24 feature file(s) are 24-d" in res.stderr and "expects 16-d" in res.stderr
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
