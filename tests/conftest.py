@@ -11,6 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+CLI_TORCH_THREADS: int | None = None  # torch's thread count in a fresh process, set by pytest_configure
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -34,6 +35,14 @@ def pytest_configure(config: pytest.Config) -> None:
         import tempfile
 
         os.environ["AQA_HOME"] = tempfile.mkdtemp(prefix="aqa-test-home-")
+    # One torch thread for the tests themselves: the small heads most of them train run faster on one than on a
+    # team of two (and no thread waits on a preempted partner on a shared machine). The CLI run in-process
+    # (invoke_aqa) gets the count a fresh `aqa` process has, as run_aqa's subprocess does.
+    import torch
+
+    global CLI_TORCH_THREADS
+    CLI_TORCH_THREADS = torch.get_num_threads()
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -114,14 +123,29 @@ def invoke_aqa(*args: str | os.PathLike, env: dict | None = None) -> subprocess.
     import contextlib
     import io
 
+    from rich.console import Console
+
+    from aqa_cli import render
     from aqa_cli.cli import main
 
     stdout, stderr = io.StringIO(), io.StringIO()
     saved = {k: os.environ.get(k) for k in (env or {})}
+    import torch
+
+    threads = torch.get_num_threads()
+    # rich reads COLUMNS once, when a console is made (at import): a subprocess with a pipe for its output gets
+    # COLUMNS if set, else 80 columns, and so does each call here.
+    consoles = [c for c in vars(render).values() if isinstance(c, Console)]
+    widths = [c._width for c in consoles]
+    columns = str({**os.environ, **(env or {})}.get("COLUMNS", ""))
     cwd = os.getcwd()
     code = 0
     try:
         os.environ.update({k: str(v) for k, v in (env or {}).items()})
+        for console in consoles:
+            console.width = int(columns) if columns.isdigit() else 80
+        omp = str((env or {}).get("OMP_NUM_THREADS", ""))  # a subprocess given OMP_NUM_THREADS starts with that many
+        torch.set_num_threads(int(omp) if omp.isdigit() else CLI_TORCH_THREADS or threads)
         os.chdir(REPO)
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
@@ -130,6 +154,9 @@ def invoke_aqa(*args: str | os.PathLike, env: dict | None = None) -> subprocess.
                 code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
         os.chdir(cwd)
+        for console, width in zip(consoles, widths):
+            console._width = width
+        torch.set_num_threads(threads)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -19,7 +19,7 @@ from aqa_cli.effects import clip_effects, deletion_area, explanation_report, mea
 from aqa_cli.heads import HeadOutput, create_head
 from aqa_cli.heads.checkpoint import load_head, save_head
 from aqa_cli.metrics import faithfulness, predicted_effects
-from conftest import CROSS_INSTANCE, run_aqa
+from conftest import CROSS_INSTANCE, invoke_aqa
 
 DIM = 16
 
@@ -176,8 +176,8 @@ def test_score_json_effects_match_an_independent_recomputation(tmp_path):
         "contract": {"backbone": "i3d", "feature_dim": 1024, "recipe": "i3d-deepmind"}})
     x = np.random.default_rng(4).normal(size=(9, 1024)).astype(np.float32)
     np.save(tmp_path / "v.npy", x)
-    res = run_aqa("score", tmp_path / "v.npy", "--weights", ck, "--backbone", "i3d", "--json",
-                  "--clips-csv", tmp_path / "clips.csv", timeout=300)
+    res = invoke_aqa("score", tmp_path / "v.npy", "--weights", ck, "--backbone", "i3d", "--json",
+                     "--clips-csv", tmp_path / "clips.csv")
     assert res.returncode == 0, res.stderr
     obj = json.loads(res.stdout)
     loaded = load_head(ck)

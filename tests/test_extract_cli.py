@@ -14,7 +14,7 @@ import pytest
 
 from aqa_cli.fileio import TMP_MARK
 from aqa_cli.synthetic import index_frames, moving_scene, write_video
-from conftest import REPO, run_aqa
+from conftest import REPO, invoke_aqa
 
 pytestmark = pytest.mark.slow
 
@@ -30,14 +30,14 @@ def assert_no_partial_files(folder):
 
 
 def test_help_lists_every_command():
-    res = run_aqa("--help")
+    res = invoke_aqa("--help")
     assert res.returncode == 0
     for command in ("info", "score", "extract-features", "weights"):
         assert command in res.stdout
 
 
 def test_info_reports_versions_devices_decoders_and_weights():
-    res = run_aqa("info")
+    res = invoke_aqa("info")
     assert res.returncode == 0, res.stderr
     for word in ("torch", "devices", "decoder decord", "decoder pyav", "weights i3d-kinetics400", "cached"):
         assert word in res.stdout
@@ -45,7 +45,7 @@ def test_info_reports_versions_devices_decoders_and_weights():
 
 def test_sidecar_records_the_recipe_source_and_clips(tmp_path):
     video = write_video(tmp_path / "v30.mp4", index_frames(90), 30)
-    res = run_aqa("extract-features", video, "--out", tmp_path / "out")
+    res = invoke_aqa("extract-features", video, "--out", tmp_path / "out")
     assert res.returncode == 0, res.stderr
     feats = np.load(tmp_path / "out" / "v30.npy")
     side = json.loads((tmp_path / "out" / "v30.json").read_text())
@@ -76,7 +76,7 @@ def test_bad_inputs_fail_one_by_one_and_the_batch_goes_on(tmp_path, shared):
     (videos / "readme.txt").write_text("ignored: not a video extension")
     out = tmp_path / "out"
 
-    res = run_aqa("extract-features", videos, "--out", out)
+    res = invoke_aqa("extract-features", videos, "--out", out)
     assert res.returncode == 1
     text = res.stdout + res.stderr
     assert "Traceback" not in text
@@ -97,7 +97,7 @@ def test_bad_inputs_fail_one_by_one_and_the_batch_goes_on(tmp_path, shared):
 
     # A second run skips what is complete and leaves it byte for byte as it was.
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    res = run_aqa("extract-features", videos, "--out", out)
+    res = invoke_aqa("extract-features", videos, "--out", out)
     assert res.returncode == 1
     assert "0 extracted, 3 skipped (already complete), 3 failed" in " ".join(res.stdout.split())
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -106,23 +106,23 @@ def test_bad_inputs_fail_one_by_one_and_the_batch_goes_on(tmp_path, shared):
 def test_outputs_of_another_backbone_or_recipe_are_not_overwritten(tmp_path):
     video = write_video(tmp_path / "a.mp4", index_frames(40), 25)
     out = tmp_path / "out"
-    assert run_aqa("extract-features", video, "--out", out).returncode == 0
-    res = run_aqa("extract-features", video, "--out", out, "--clip-len", "16")
+    assert invoke_aqa("extract-features", video, "--out", out).returncode == 0
+    res = invoke_aqa("extract-features", video, "--out", out, "--clip-len", "16")
     assert res.returncode == 1
     text = " ".join(res.stderr.split())  # the console wraps long lines
     assert "was made by another backbone, weights, precision or recipe" in text and "--overwrite" in text
-    res = run_aqa("extract-features", video, "--out", out, "--clip-len", "16", "--overwrite")
+    res = invoke_aqa("extract-features", video, "--out", out, "--clip-len", "16", "--overwrite")
     assert res.returncode == 0
     assert json.loads((out / "a.json").read_text())["shape"] == [2, 1024]
 
 
 def test_no_videos_and_missing_weights_give_one_line_errors(tmp_path):
     (tmp_path / "empty_dir").mkdir()
-    res = run_aqa("extract-features", tmp_path / "empty_dir", "--out", tmp_path / "out")
+    res = invoke_aqa("extract-features", tmp_path / "empty_dir", "--out", tmp_path / "out")
     assert res.returncode == 2 and "no videos found" in res.stderr and "Traceback" not in res.stderr
     video = write_video(tmp_path / "a.mp4", index_frames(40), 25)
-    res = run_aqa("extract-features", video, "--out", tmp_path / "out",
-                  env={"AQA_HOME": str(tmp_path / "home"), "AQA_OFFLINE": "1"})
+    res = invoke_aqa("extract-features", video, "--out", tmp_path / "out",
+                     env={"AQA_HOME": str(tmp_path / "home"), "AQA_OFFLINE": "1"})
     assert res.returncode == 2
     assert "aqa weights fetch i3d-kinetics400" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
@@ -140,18 +140,19 @@ def test_damaged_cached_weights_are_refused(tmp_path):
     data[-100] ^= 0xFF
     target.write_bytes(bytes(data))
     video = write_video(tmp_path / "a.mp4", index_frames(40), 25)
-    res = run_aqa("extract-features", video, "--out", tmp_path / "out", env={"AQA_HOME": str(home)})
+    res = invoke_aqa("extract-features", video, "--out", tmp_path / "out", env={"AQA_HOME": str(home)})
     assert res.returncode == 2
     assert "cached weights are damaged" in res.stderr and "aqa weights fetch i3d-kinetics400 --force" in res.stderr
-    res = run_aqa("weights", "verify", env={"AQA_HOME": str(home)})
+    res = invoke_aqa("weights", "verify", env={"AQA_HOME": str(home)})
     assert res.returncode == 1 and "DAMAGED" in res.stdout
 
 
 def test_killed_run_resumes_to_identical_outputs(tmp_path):
     videos = tmp_path / "videos"
     videos.mkdir()
-    for k in range(3):
-        write_video(videos / f"v{k}.mp4", moving_scene(96, 240, 320, seed=k), 25)  # 3 clips each
+    # 1, 3 and 1 clips: the kill lands inside v1's three (a second after v0 is written), and v2 is left undone.
+    for k, frames in enumerate((32, 96, 32)):
+        write_video(videos / f"v{k}.mp4", moving_scene(frames, 240, 320, seed=k), 25)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "aqa_cli", "extract-features", str(videos), "--out", str(out), "--batch-size", "1"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -164,14 +165,14 @@ def test_killed_run_resumes_to_identical_outputs(tmp_path):
     assert (out / "v0.json").exists() and not (out / "v2.json").exists()
     first = (out / "v0.npy").stat().st_mtime_ns
 
-    res = run_aqa("extract-features", videos, "--out", out, "--batch-size", "1")
+    res = invoke_aqa("extract-features", videos, "--out", out, "--batch-size", "1")
     assert res.returncode == 0, res.stderr
     assert "1 skipped" in " ".join(res.stdout.split())
     assert (out / "v0.npy").stat().st_mtime_ns == first
     assert_no_partial_files(out)
 
     clean = tmp_path / "clean"
-    assert run_aqa("extract-features", videos, "--out", clean, "--batch-size", "1").returncode == 0
+    assert invoke_aqa("extract-features", videos, "--out", clean, "--batch-size", "1").returncode == 0
     for k in range(3):
         assert np.array_equal(np.load(out / f"v{k}.npy"), np.load(clean / f"v{k}.npy"))
         assert (out / f"v{k}.json").read_text() == (clean / f"v{k}.json").read_text()

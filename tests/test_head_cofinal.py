@@ -23,7 +23,6 @@ from aqa_cli.heads.cofinal import (
     state_dict_from_official,
 )
 
-torch.set_num_threads(1)
 
 # Small enough for milliseconds; the paper's structure (P procedures, paper fine head) otherwise.
 SMALL = {"in_dim": 64, "hidden_dim": 32, "n_head": 2, "n_subgrades": 16, "score_max": 25.0, "dropout": 0.0}

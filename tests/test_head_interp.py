@@ -10,7 +10,6 @@ from aqa_cli.heads import HeadConfig
 from aqa_cli.heads.interp import InterpConfig, InterpHead, attention_kl, sinusoidal_positions
 from conftest import assert_close_across_instances, assert_same_model
 
-torch.set_num_threads(1)
 
 SMALL = {"in_dim": 32, "hidden_dim": 32, "n_head": 4, "ffn_dim": 64, "score_min": 10.0, "score_max": 50.0}
 

@@ -21,7 +21,7 @@ from aqa_cli.heads.checkpoint import load_head, save_head
 from aqa_cli.heads.mtl import ADDITIVE, build_vocab, tokenize
 from aqa_cli.metrics import spearman
 from aqa_cli.training import TrainSettings, fit
-from conftest import assert_close_across_instances, assert_same_model, run_aqa, write_labels_csv
+from conftest import assert_close_across_instances, assert_same_model, invoke_aqa, write_labels_csv
 
 POSITIONS = ["free", "tuck", "pike"]
 SCHEMA = [{"name": "position", "classes": POSITIONS},
@@ -60,7 +60,6 @@ def write_planted(folder, n: int, seed: int, dim: int = 16, captions: bool = Tru
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     """One head trained on 120 planted videos, and 60 held-out ones."""
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("mtl")
     write_planted(root / "train", 120, seed=0)
     held_rows = write_planted(root / "test", 60, seed=1)
@@ -293,8 +292,8 @@ def test_caption_check_of_the_class_order(tmp_path):
     """convert-labels reads the captions to say whether code k is really the preset's class k; a release whose
     rotation codes are ordered otherwise is caught, and said so on the command line."""
     _release_with_captions(tmp_path, ["forward", "back", "reverse", "inward"])
-    res = run_aqa("convert-labels", tmp_path / "ann.pkl", "--captions", tmp_path / "caps.pkl", "--out",
-                  tmp_path / "labels.csv")
+    res = invoke_aqa("convert-labels", tmp_path / "ann.pkl", "--captions", tmp_path / "caps.pkl", "--out",
+                     tmp_path / "labels.csv")
     assert res.returncode == 0, res.stderr
     assert "agrees" in res.stdout and "disagrees" not in res.stdout and "warning" not in res.stdout
 
@@ -312,7 +311,7 @@ def test_caption_check_of_the_class_order(tmp_path):
     assert all(verdicts[("position", k)]["verdict"] == "agrees" for k in range(3))
     assert verdicts[("armstand", 0)]["verdict"] == verdicts[("armstand", 1)]["verdict"] == "agrees"
     assert {r["subtask"] for r in summary["caption_check"]} == {"rotation_type", "position", "armstand"}
-    res = run_aqa("convert-labels", other / "ann.pkl", "--captions", other / "caps.pkl", "--out", other / "l2.csv")
+    res = invoke_aqa("convert-labels", other / "ann.pkl", "--captions", other / "caps.pkl", "--out", other / "l2.csv")
     assert res.returncode == 0 and "disagree with preset mtl-aqa's class order for rotation_type" in " ".join(
         res.stdout.split())
 
@@ -326,19 +325,19 @@ def test_train_and_score_from_the_command_line(tmp_path):
     commentary and says how the clip scores relate to the total."""
     write_planted(tmp_path / "f", 24, seed=6, dim=1024)
     ckpt = tmp_path / "mtl.safetensors"
-    res = run_aqa("train", "--features", tmp_path / "f", "--labels", tmp_path / "f" / "labels.csv",
-                  "--target", "final_score", "--head", "mtl", "--preset", "mtl-aqa", "--epochs", "8",
-                  "--set", "hidden_dim=16", "--set", "caption_hidden=16", "--set", "word_dim=8",
-                  "--set", "caption_layers=1", "--set", "batch_size=8", "--set", "lr=0.003",
-                  "--set", 'subtasks=[{"name": "position", "classes": ["free", "tuck", "pike"]}]',
-                  "--out", ckpt, env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    res = invoke_aqa("train", "--features", tmp_path / "f", "--labels", tmp_path / "f" / "labels.csv",
+                     "--target", "final_score", "--head", "mtl", "--preset", "mtl-aqa", "--epochs", "8",
+                     "--set", "hidden_dim=16", "--set", "caption_hidden=16", "--set", "word_dim=8",
+                     "--set", "caption_layers=1", "--set", "batch_size=8", "--set", "lr=0.003",
+                     "--set", 'subtasks=[{"name": "position", "classes": ["free", "tuck", "pike"]}]',
+                     "--out", ckpt, env={"OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
     loaded = load_head(ckpt)
     assert loaded.config["vocab"] and loaded.config["subtasks"][0]["name"] == "position"
     log = json.loads(ckpt.with_suffix(".log.json").read_text())
     assert {"aqa", "cls", "cap"} <= set(log["history"][-1])
-    res = run_aqa("score", tmp_path / "f" / "v000.npy", "--weights", ckpt, "--backbone", "i3d", "--no-cache",
-                  env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    res = invoke_aqa("score", tmp_path / "f" / "v000.npy", "--weights", ckpt, "--backbone", "i3d", "--no-cache",
+                     env={"OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
     text = " ".join(res.stdout.split())
     assert "action: " in text and "commentary: " in text and "nonlinear_body" in text

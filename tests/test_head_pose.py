@@ -191,26 +191,26 @@ def test_step_runs_get_their_times():
 def test_train_and_score_from_the_command_line(tmp_path):
     """`aqa train --head pose --preset finediving` learns from the steps and difficulty columns; `aqa score`
     says the score is an execution score, names the exemplars and prints the steps with their times."""
-    from conftest import run_aqa
+    from conftest import invoke_aqa
 
     planted_dives(tmp_path / "f", 24, seed=5, dim=837)
     ckpt = tmp_path / "pose.safetensors"
-    res = run_aqa("train", "--features", tmp_path / "f", "--labels", tmp_path / "f" / "labels.csv",
-                  "--target", "dive_score", "--head", "pose", "--preset", "finediving", "--epochs", "3",
-                  "--set", f"frame_runs={RUNS}", "--set", f"run_dim={RUN_DIM}", "--set", "hidden_dim=32",
-                  "--set", "k_exemplars=4", "--out", ckpt, env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    res = invoke_aqa("train", "--features", tmp_path / "f", "--labels", tmp_path / "f" / "labels.csv",
+                     "--target", "dive_score", "--head", "pose", "--preset", "finediving", "--epochs", "3",
+                     "--set", f"frame_runs={RUNS}", "--set", f"run_dim={RUN_DIM}", "--set", "hidden_dim=32",
+                     "--set", "k_exemplars=4", "--out", ckpt, env={"OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
     assert "steps" in json.loads(ckpt.with_suffix(".log.json").read_text())["history"][-1]
-    res = run_aqa("score", tmp_path / "f" / "d000.npy", "--weights", ckpt, "--backbone", "pose", "--no-cache",
-                  "--json", env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    res = invoke_aqa("score", tmp_path / "f" / "d000.npy", "--weights", ckpt, "--backbone", "pose", "--no-cache",
+                     "--json", env={"OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
     result = json.loads(res.stdout)
     runs, clips = result["extras"]["steps"], result["clips"]
     assert runs[0]["frame_start"] == 0 and runs[-1]["frame_end"] == 32 * len(clips)
     assert runs[0]["start_s"] == pytest.approx(clips[0]["start_s"]) and runs[-1]["end_s"] == pytest.approx(clips[-1]["end_s"])
     assert len(result["extras"]["exemplars"]) == 4
-    res = run_aqa("score", tmp_path / "f" / "d000.npy", "--weights", ckpt, "--backbone", "pose", "--no-cache",
-                  env={"OMP_NUM_THREADS": "1", "COLUMNS": "200"}, timeout=300)
+    res = invoke_aqa("score", tmp_path / "f" / "d000.npy", "--weights", ckpt, "--backbone", "pose", "--no-cache",
+                     env={"OMP_NUM_THREADS": "1", "COLUMNS": "200"})
     text = " ".join(res.stdout.split())
     assert "scale: execution score (target ÷ difficulty)" in text and "exemplars (4, score + difference)" in text
     assert f"steps: {runs[0]['step']} {runs[0]['start_s']:.2f}–{runs[0]['end_s']:.2f} s" in text

@@ -18,7 +18,7 @@ import pytest
 
 from aqa_cli.fileio import TMP_MARK
 from aqa_cli.synthetic import moving_scene, write_video
-from conftest import REPO, run_aqa
+from conftest import REPO, invoke_aqa, run_aqa
 
 pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'aqa[ray]'")
 pytestmark = pytest.mark.slow
@@ -44,7 +44,7 @@ def videos(tmp_path_factory, i3d) -> Path:
 def reference(videos, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """The local engine's outputs for the same folder."""
     out = tmp_path_factory.mktemp("local")
-    res = run_aqa("extract-features", videos, "--out", out)
+    res = invoke_aqa("extract-features", videos, "--out", out)
     assert res.returncode == 1, res.stderr
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{s}.{e}" for s in GOOD for e in ("npy", "json"))
     return out, res
@@ -171,8 +171,8 @@ def test_an_interrupted_ray_run_resumes(videos, reference, ray_env, tmp_path):
 
 
 def test_missing_weights_stop_the_run_before_ray_starts(videos, ray_env, tmp_path):
-    res = run_aqa("extract-features", videos, "--out", tmp_path / "out", "--engine", "ray",
-                  env={**ray_env, "AQA_HOME": str(tmp_path / "home"), "AQA_OFFLINE": "1"}, timeout=120)
+    res = invoke_aqa("extract-features", videos, "--out", tmp_path / "out", "--engine", "ray",
+                     env={**ray_env, "AQA_HOME": str(tmp_path / "home"), "AQA_OFFLINE": "1"})
     assert res.returncode == 2
     assert "aqa weights fetch i3d-kinetics400" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
@@ -181,7 +181,7 @@ def test_missing_weights_stop_the_run_before_ray_starts(videos, ray_env, tmp_pat
 
 def test_ray_options_need_the_ray_engine(tmp_path):
     video = write_video(tmp_path / "a.mp4", moving_scene(8, 64, 64), 25)
-    res = run_aqa("extract-features", video, "--out", tmp_path / "out", "--workers", "2")
+    res = invoke_aqa("extract-features", video, "--out", tmp_path / "out", "--workers", "2")
     assert res.returncode == 2 and "--workers only apply to --engine ray" in res.stderr
 
 

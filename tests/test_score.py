@@ -28,7 +28,7 @@ from aqa_cli.report import TOP_COLOUR, WEIGHT_COLOUR, material_effects, render_r
 from aqa_cli.inputs import find_inputs
 from aqa_cli.scoring import Scorer, choose_heads
 from aqa_cli.synthetic import index_frames, moving_scene, write_video
-from conftest import REPO, approx_across_instances, run_aqa
+from conftest import REPO, approx_across_instances, invoke_aqa
 
 SAMPLE = REPO / "samples" / "moving_disc.mp4"
 I3D_CONTRACT = {"backbone": "i3d", "feature_dim": 1024, "recipe": "i3d-deepmind"}
@@ -126,7 +126,7 @@ def test_weights_option_takes_the_checkpoints_preset_and_refuses_another(env, sh
 def test_a_damaged_checkpoint_is_refused_in_one_line(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00" * 64)
-    res = run_aqa("score", SAMPLE, "--weights", bad)
+    res = invoke_aqa("score", SAMPLE, "--weights", bad)
     assert res.returncode == 2
     assert "bad.safetensors: not a readable safetensors file" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
@@ -154,8 +154,8 @@ def test_a_null_recipe_in_the_contract_means_the_backbones_default(tmp_path):
 
 def test_missing_backbone_weights_stop_with_the_fetch_command(env, tmp_path):
     video = write_video(tmp_path / "a.mp4", index_frames(40), 25)
-    res = run_aqa("score", video, "--csv", tmp_path / "out.csv",
-                  env={**env, "AQA_HOME": str(tmp_path / "home"), "AQA_OFFLINE": "1"})
+    res = invoke_aqa("score", video, "--csv", tmp_path / "out.csv",
+                     env={**env, "AQA_HOME": str(tmp_path / "home"), "AQA_OFFLINE": "1"})
     assert res.returncode == 2
     assert "aqa weights fetch i3d-kinetics400" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
@@ -167,15 +167,16 @@ def test_a_demonstration_model_says_so_and_sidecarless_features_need_a_backbone(
                      extra={"demonstration": "demo head, trained on synthetic routines"})
     rng = np.random.default_rng(0)
     np.save(tmp_path / "bare.npy", rng.normal(size=(6, 1024)).astype(np.float32))
-    res = run_aqa("score", tmp_path / "bare.npy", "--weights", demo)
+    res = invoke_aqa("score", tmp_path / "bare.npy", "--weights", demo)
     assert res.returncode == 1 and "has no sidecar bare.json" in res.stderr and "--backbone i3d" in res.stderr
-    res = run_aqa("score", tmp_path / "bare.npy", "--weights", demo, "--backbone", "i3d")
+    res = invoke_aqa("score", tmp_path / "bare.npy", "--weights", demo, "--backbone", "i3d")
     assert res.returncode == 0, res.stderr
     text = " ".join(res.stdout.split())
     assert "Note: demo head, trained on synthetic routines" in text
     assert "head demo (gdlt) · preset none" in text and "features from a feature file" in text
     assert "0:06.4–0:07.7" in text  # clip 5 of the recipe's 1.28 s clips
-    obj = json.loads(run_aqa("score", tmp_path / "bare.npy", "--weights", demo, "--backbone", "i3d", "--json").stdout)
+    obj = json.loads(invoke_aqa("score", tmp_path / "bare.npy", "--weights", demo, "--backbone", "i3d",
+                                "--json").stdout)
     assert obj["demonstration"] == "demo head, trained on synthetic routines" and obj["preset"] is None
     assert len(obj["clips"]) == 6 and obj["warnings"] and "no sidecar" in obj["warnings"][0]
     assert_sums_back(obj)
@@ -233,8 +234,8 @@ def test_score_runs_at_auto_precision_by_default_and_extract_features_at_fp32(mo
 @pytest.mark.slow
 def test_score_the_sample_end_to_end(env, i3d, tmp_path):
     out = tmp_path / "out"
-    res = run_aqa("score", SAMPLE, "--csv", out / "scores.csv", "--clips-csv", out / "clips.csv",
-                  "--plot", out / "timeline.png", env=env)
+    res = invoke_aqa("score", SAMPLE, "--csv", out / "scores.csv", "--clips-csv", out / "clips.csv",
+                     "--plot", out / "timeline.png", env=env)
     assert res.returncode == 0, res.stderr
     text = " ".join(res.stdout.split())
     assert "fisv-pcs-interp" in text and "backbone i3d" in text and "reference scores at ρ 0.70" in text
@@ -267,9 +268,9 @@ def test_score_the_sample_end_to_end(env, i3d, tmp_path):
         pixels = np.asarray(im.convert("RGB"))
     assert pixels.std() > 10  # not a blank canvas
 
-    # Again as JSON, in another process: the features come from the cache (the same bytes) and the score is the
-    # same within the cross-instance tolerance (another process, another head instance).
-    res = run_aqa("score", SAMPLE, "--json", env=env)
+    # Again as JSON, another run: the features come from the cache (the same bytes) and the score is the
+    # same within the cross-instance tolerance (another head instance).
+    res = invoke_aqa("score", SAMPLE, "--json", env=env)
     assert res.returncode == 0, res.stderr
     obj = json.loads(res.stdout)
     assert {"video", "preset", "head", "backbone", "score", "scale", "clips", "extras"} <= set(obj)
@@ -281,7 +282,7 @@ def test_score_the_sample_end_to_end(env, i3d, tmp_path):
 
 @pytest.mark.slow
 def test_all_heads_agree_or_not_and_every_head_sums_back(env, i3d):
-    res = run_aqa("score", SAMPLE, "--all-heads", "--json", env=env)
+    res = invoke_aqa("score", SAMPLE, "--all-heads", "--json", env=env)
     assert res.returncode == 0, res.stderr
     objs = json.loads(res.stdout)
     assert [o["head_family"] for o in objs] == ["interp", "gdlt", "cofinal"]
@@ -291,7 +292,7 @@ def test_all_heads_agree_or_not_and_every_head_sums_back(env, i3d):
     cofinal = objs[2]
     assert set(cofinal["additive"]) == {"fine"} and len(cofinal["extras"]["member_scores"]) == 2
     assert sum(g["prob"] for g in cofinal["extras"]["grades"]) == pytest.approx(1.0, abs=1e-5)
-    res = run_aqa("score", SAMPLE, "--all-heads", env=env)
+    res = invoke_aqa("score", SAMPLE, "--all-heads", env=env)
     assert res.returncode == 0
     text = " ".join(res.stdout.split())
     assert "agreement between heads" in text and re.search(r"│ \d+\.\d\d \(\d+%\) │ (yes|no) │", text)
@@ -338,7 +339,7 @@ def test_a_folder_with_bad_files_gives_error_rows_and_a_nonzero_exit(env, i3d, s
     (folder / "corrupt.mp4").write_bytes(whole[: len(whole) // 3])
     (folder / "notes.txt").write_text("not a video\n")
     (folder / "notes.mp4").write_text("not a video either\n")
-    res = run_aqa("score", folder, "--csv", tmp_path / "scores.csv", "--clips-csv", tmp_path / "clips.csv", env=env)
+    res = invoke_aqa("score", folder, "--csv", tmp_path / "scores.csv", "--clips-csv", tmp_path / "clips.csv", env=env)
     assert res.returncode == 1
     assert "Traceback" not in res.stdout + res.stderr
     assert "2 of 3 input(s) failed" in res.stderr and "skipped 1 file that is not a video (.txt)" in res.stderr
@@ -356,14 +357,14 @@ def test_a_folder_with_bad_files_gives_error_rows_and_a_nonzero_exit(env, i3d, s
 def test_vst_trained_heads_refuse_i3d_features(env, i3d, i3d_features, short_video, tmp_path):
     vst_head = make_head(tmp_path / "vst-head.safetensors", "gdlt",
                          contract={"backbone": "vst", "feature_dim": 1024, "recipe": None})
-    res = run_aqa("score", i3d_features, "--weights", vst_head, "--csv", tmp_path / "s.csv", env=env)
+    res = invoke_aqa("score", i3d_features, "--weights", vst_head, "--csv", tmp_path / "s.csv", env=env)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert ("short.npy: features come from the i3d backbone but vst-head.safetensors was trained on vst features"
             in " ".join(res.stderr.split()))
     assert "--backbone vst" in res.stderr
     assert pd.read_csv(tmp_path / "s.csv").status.tolist() == ["failed"]
     # Asking for the wrong backbone outright is refused before anything runs.
-    res = run_aqa("score", short_video, "--weights", vst_head, "--backbone", "i3d", env=env)
+    res = invoke_aqa("score", short_video, "--weights", vst_head, "--backbone", "i3d", env=env)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
     assert "--backbone i3d, but vst-head.safetensors was trained on vst features" in res.stderr
     # Another recipe's features are refused too.

@@ -28,7 +28,7 @@ from aqa_cli.presets import load_preset
 from aqa_cli.recipes import GDLT_RECIPE
 from aqa_cli.scoring import Scorer, choose_heads
 from aqa_cli.synthetic import moving_scene, write_video
-from conftest import run_aqa
+from conftest import invoke_aqa
 from aqa_cli.weights import import_file
 from test_vst import cosine, official_shapes, random_official_state, reference_model, registry, save_mmcv  # noqa: F401
 
@@ -136,10 +136,12 @@ def test_bad_checkpoints_by_path_are_refused_in_one_line(home, mine_state, video
         torch.save(obj, home / name)
         with pytest.raises(WeightsError, match=expected.replace("(", r"\(")):
             create_backbone("vst", device="cpu", weights=str(home / name))
-    res = run_aqa("extract-features", video, "--out", home / "f", "--backbone", "vst", "--weights", home / "x3d.pyth")
+    res = invoke_aqa("extract-features", video, "--out", home / "f", "--backbone", "vst",
+                     "--weights", home / "x3d.pyth")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "use --backbone x3d-m" in res.stderr
-    res = run_aqa("extract-features", video, "--out", home / "f", "--backbone", "vst", "--weights", home / "absent.pth")
+    res = invoke_aqa("extract-features", video, "--out", home / "f", "--backbone", "vst",
+                     "--weights", home / "absent.pth")
     assert res.returncode == 2 and "absent.pth: no such checkpoint file" in res.stderr
 
 

@@ -44,7 +44,7 @@ from aqa_cli.errors import WeightsError
 from aqa_cli.recipes import GDLT_RECIPE, Recipe
 from aqa_cli.video import open_video
 from aqa_cli.weights import WeightsSpec, fetch, import_file, labels_sha256, read_labels, read_safetensors
-from conftest import run_aqa
+from conftest import invoke_aqa
 
 # Small enough to run in milliseconds, deep enough that every stage has a shifted-window block,
 # and a window that forces padding (28 and 14 tokens are not multiples of 7... 4 of 8 is handled too).
@@ -380,7 +380,7 @@ def test_wrong_architecture_is_refused_naming_the_keys(registry):
     # Through the real registry and CLI: a small torchvision-format file is not Swin-B.
     tv = registry / "small_tv.pth"
     torch.save({to_torchvision(k): v for k, v in random_official_state(SMALL).items()}, tv)
-    res = run_aqa("weights", "import", tv, "--name", "vst-k600", env={"AQA_HOME": str(registry / "home2")})
+    res = invoke_aqa("weights", "import", tv, "--name", "vst-k600", env={"AQA_HOME": str(registry / "home2")})
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "not a Swin-B" in res.stderr
     assert "patch_embed.proj.weight (32, 3, 2, 4, 4) vs (128, 3, 2, 4, 4)" in res.stderr
@@ -428,8 +428,8 @@ def test_missing_weights_offline_say_what_to_download_and_how_to_import(tmp_path
     from aqa_cli.synthetic import index_frames, write_video
 
     video = write_video(tmp_path / "a.mp4", index_frames(40), 25)
-    res = run_aqa("extract-features", video, "--out", tmp_path / "out", "--backbone", "vst",
-                  env={"AQA_HOME": str(tmp_path / "home"), "AQA_OFFLINE": "1"})
+    res = invoke_aqa("extract-features", video, "--out", tmp_path / "out", "--backbone", "vst",
+                     env={"AQA_HOME": str(tmp_path / "home"), "AQA_OFFLINE": "1"})
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert VST_K600.url in res.stderr and "`aqa weights import FILE --name vst-k600`" in res.stderr
