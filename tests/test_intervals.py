@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,3 +136,15 @@ def test_fisv_gives_tes_pcs_and_their_total(fisv_video, tmp_path):
     assert res.returncode == 0 and row["domain"]["in_domain"] is False and row["score"] is not None
     res = invoke_aqa("score", permuted, "--backbone", "vst", "--preset", "fisv-pcs", "--strict-domain", "--no-cache")
     assert res.returncode == 1 and "unlike" in res.stderr and "--strict-domain" in res.stderr
+
+
+def test_the_demo_head_flags_videos_unlike_its_routines(i3d):
+    """The demo head's domain model (its 120 training routines' I3D features): the sample routine is like them, the
+    moving disc is not; --strict-domain makes the unlike one a failure."""
+    res = invoke_aqa("score", "samples/routine_fall.mp4", "samples/moving_disc.mp4", "--preset", "demo", "--json")
+    assert res.returncode == 0, res.stderr
+    by_name = {Path(r["video"]).name: r for r in json.loads(res.stdout)}
+    assert by_name["routine_fall.mp4"]["domain"]["in_domain"]
+    assert not by_name["moving_disc.mp4"]["domain"]["in_domain"]
+    strict = invoke_aqa("score", "samples/moving_disc.mp4", "--preset", "demo", "--strict-domain")
+    assert strict.returncode == 1 and "moving_disc.mp4" in strict.stderr
