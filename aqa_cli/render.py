@@ -212,8 +212,12 @@ def render_batch(results) -> None:  # noqa: ANN001 - list[VideoScore]
     table.add_column("score")
     table.add_column("clip that moves it most", overflow="fold")
     table.add_column("faithful", justify="right")
-    table.add_column("domain")
+    # Whether each video is like the head's training videos, where a head checks it (the p-value is in its table).
+    show_domain = any(r.ok and r.domain for r in results)
+    if show_domain:
+        table.add_column("domain")
     table.add_column("status")
+    several_targets = len({r.target for r in results if r.ok and r.target}) > 1
     for r in results:
         top = material_effects(r, 1) if r.ok else []
         if top:
@@ -221,12 +225,11 @@ def render_batch(results) -> None:  # noqa: ANN001 - list[VideoScore]
         else:
             moves = "none stands out" if r.ok else "–"
         faith = f"{r.faithfulness:.2f}" if r.ok and r.faithfulness is not None else "–"
-        domain = "–" if not r.ok or not r.domain else (
-            "like training" if r.domain["in_domain"] else f"[bold red]UNLIKE[/bold red] (p {r.domain['p_value']:.3f})")
-        label = f"{r.target} " if r.target and r.ok else ""
+        domain = "–" if not r.ok or not r.domain else "like" if r.domain["in_domain"] else "[bold red]UNLIKE[/bold red]"
+        label = f"{r.target} " if r.target and r.ok and several_targets else ""
         score = label + format_total(r).replace(f" {r.scale.get('unit', 'points')}", "", 1) if r.ok else "–"
-        row = [names[str(r.input)], *([r.head_label] if several_heads else []), score, moves, faith, domain,
-               "[green]ok[/green]" if r.ok else "[red]failed[/red]"]
+        row = [names[str(r.input)], *([r.head_label] if several_heads else []), score, moves, faith,
+               *([domain] if show_domain else []), "[green]ok[/green]" if r.ok else "[red]failed[/red]"]
         table.add_row(*row)
     out.print(table)
     scored = [r for r in results if r.ok]

@@ -534,19 +534,19 @@ def _video_section(k: int, result: VideoScore, others: Sequence[VideoScore], *, 
                      "as a whole.</p>")
     thumbs: dict[int, bytes] = {}
     reason = None
-    if moving:
-        if result.video is None and result.video_note:
-            reason = result.video_note
-        elif result.video is None:
-            reason = ("the video these features were made from is not reachable (moved, changed or never "
-                      "recorded), so no frames are shown")
-        else:
-            try:
-                thumbs = middle_frames(result.video, moving)
-            except AqaError as exc:
-                reason = f"frames could not be read ({exc.message})"
-            if not thumbs and reason is None:
-                reason = "the clips' source frames are not recorded, so no frames are shown"
+    # Where the video is not there (or cannot be verified) the page says so, whether or not frames would be shown.
+    if result.video is None and result.video_note:
+        reason = result.video_note
+    elif result.video is None and result.features_source == "file":
+        reason = ("the video these features were made from is not reachable (moved, changed or never recorded), "
+                  "so no frames are shown")
+    elif moving and result.video is not None:
+        try:
+            thumbs = middle_frames(result.video, moving)
+        except AqaError as exc:
+            reason = f"frames could not be read ({exc.message})"
+        if not thumbs and reason is None:
+            reason = "the clips' source frames are not recorded, so no frames are shown"
     if reason:
         parts.append(f'<p class="note no-video">{e(reason)}.</p>')
     figures = []

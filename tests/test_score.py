@@ -40,6 +40,13 @@ def make_head(path, head: str, *, contract=I3D_CONTRACT, cv: float | None = None
     torch.manual_seed(seed)
     settings = load_preset("fisv-pcs").model_settings(head)
     heads = [create_head(head, settings).eval() for _ in range(members)]
+    if head == "interp":
+        # An untrained interp head's clip scores are an unbounded linear read, and a score off the scale is a
+        # failed row: centre them in the scale, keeping some spread so that clips still differ.
+        with torch.no_grad():
+            for h in heads:
+                h.score_mlp[-1].weight.mul_(0.3)
+                h.score_mlp[-1].bias.fill_(0.5)
     meta = {"preset": preset, "target": "PCS", "scale": {"score_min": 0.0, "score_max": 40.0, "unit": "points"},
             "contract": contract, **(extra or {})}
     if cv is not None:

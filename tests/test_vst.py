@@ -510,7 +510,10 @@ def test_weights_list_labels_and_show_pred(registry, shared):
 
     res = CliRunner().invoke(app, ["weights", "list"], env={"COLUMNS": "300"})
     assert res.exit_code == 0
-    row = next(line for line in res.output.splitlines() if "vst-k600" in line)
+    # One block per entry: its name line, then where it comes from and its pin.
+    lines = res.output.splitlines()
+    first = next(k for k, line in enumerate(lines) if line.strip().startswith("vst-k600 "))
+    row = " ".join(line.strip() for line in lines[first:first + 4])
     assert VST_K600.url in row and "382,579,368" in row and "trusted on first use" in row
     assert "24f7c7c6" in res.output and "af5c50f0df57cc48" in res.output
 

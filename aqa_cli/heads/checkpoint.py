@@ -254,7 +254,8 @@ class LoadedHead:
         if wrong:
             raise FeatureError(f"{len(wrong)} of {len(ids)} feature file(s) are {features[ids.index(wrong[0])].shape[1]}-d "
                                f"(e.g. {wrong[0]}.npy) but {self.path.name} expects {want}-d", path=folder,
-                               fix=f"extract them with --backbone {self.contract.get('backbone', '?')}")
+                               fix=f"extract them with --backbone {self.contract['backbone']}"
+                               if self.contract.get("backbone") else "extract them with the backbone it was trained on")
         made_by = (contract or {}).get("backbone", {})
         self.check_contract(made_by.get("name"), (contract or {}).get("recipe", {}).get("name"), folder)
         return self.check_weights(made_by.get("weights"), folder, trust_features=trust_features,
