@@ -92,8 +92,11 @@ def _cli(out: Path, videos: Path, *extra: str) -> list[str]:
 
 
 def _popen(args: list[str], env: dict) -> subprocess.Popen:
+    # Ctrl-C's default disposition in the child, as a shell gives it, whatever this test process holds: an ignored
+    # SIGINT would be inherited, and Python then keeps ignoring it.
     return subprocess.Popen(args, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _failures(text: str) -> list[str]:
