@@ -285,7 +285,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--no-extract", action="store_true", help="model only, skip the aqa extract-features runs")
     p.add_argument("--score", action="store_true",
-                   help="also the marginal s/clip of `aqa score` (fp32, no feature cache), against the model alone")
+                   help="also the marginal s/clip of `aqa score` at its default precision (auto: bf16 where the "
+                        "device computes it), no feature cache, against the model alone")
     p.add_argument("--dry-run", action="store_true", help="tiny models and inputs, one round: checks the script runs")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="model-only times: wall time, or CPU time of one thread (--threads 1; for a shared machine)")
@@ -326,8 +327,12 @@ def main() -> int:
             result["extract"] = [extract_marginal(name, args.device, precision, short, long, (1, 5), env, rounds)
                                  for precision in (["fp32", "bf16"] if native else ["fp32"])]
             if args.score:
-                result["extract"].append(extract_marginal(name, args.device, "fp32", short, long, (1, 5), env,
-                                                          rounds, command="score"))
+                # As users run it: the default precision, auto, which resolves to bf16 where it is native.
+                scored = extract_marginal(name, args.device, "auto", short, long, (1, 5), env, rounds,
+                                          command="score")
+                scored["precision"] = "bf16" if native else "fp32"  # what auto ran
+                scored["requested"] = "auto"
+                result["extract"].append(scored)
         report["backbones"][name] = result
     report["machine"]["load_average_after"] = os.getloadavg()
     if not args.dry_run:
@@ -353,7 +358,8 @@ def main() -> int:
             ref = r["modes"][r["reference"]]["s_per_clip"]
             # The fastest model-only mode of the same precision: what the pipeline adds on top of the model.
             same = [x["s_per_clip"] for mode, x in r["modes"].items() if ("bf16" in mode) == (e["precision"] == "bf16")]
-            print(f"{name} `aqa {e.get('command', 'extract-features')} --precision {e['precision']}`: marginal "
+            asked = f"auto → {e['precision']}" if e.get("requested") == "auto" else e["precision"]
+            print(f"{name} `aqa {e.get('command', 'extract-features')} --precision {asked}`: marginal "
                   f"{e['marginal_s_per_clip']:.2f} s/clip ({ref / e['marginal_s_per_clip']:.2f}× the model-only "
                   f"{r['reference']}; {e['marginal_s_per_clip'] / min(same):.2f}× its own fastest model-only mode); "
                   f"1 clip {e['wall_s']['short']:.1f} s, 5 clips {e['wall_s']['long']:.1f} s (fastest of "
